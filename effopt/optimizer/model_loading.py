@@ -1,0 +1,106 @@
+"""Turn a recipe's ``model:`` section into an eval-mode nn.Module or GraphModule.
+
+Import folders (the recipe's own folder and ``model.pythonpath``) are put on
+``sys.path`` only for the duration of the import, so loading one recipe does
+not change how the next one resolves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from effopt.errors import RecipeError
+from effopt.recipes.loading import LoadedRecipe
+
+
+@contextlib.contextmanager
+def import_paths(paths: Sequence[Path]) -> Iterator[None]:
+    """Temporarily prepend ``paths`` to sys.path."""
+    added = [str(p) for p in paths if str(p) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for p in added:
+            if p in sys.path:
+                sys.path.remove(p)
+
+
+def import_callable(spec: str, roots: Sequence[Path], where: str) -> object:
+    """Import ``'pkg.module:attr'`` with ``roots`` importable; ``where`` names the recipe field in errors."""
+    module_name, _, attr = spec.partition(":")
+    with import_paths(roots):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise RecipeError(
+                f"{where}: cannot import module '{module_name}' ({e}); searched the recipe's folder and "
+                f"model.pythonpath: {', '.join(str(r) for r in roots)}"
+            ) from e
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RecipeError(f"{where}: module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+def import_roots(loaded: LoadedRecipe) -> list[Path]:
+    return [loaded.base_dir, *(loaded.resolve(p) for p in loaded.recipe.model.pythonpath)]
+
+
+def load_model(loaded: LoadedRecipe) -> nn.Module:
+    """The recipe's model in eval mode, weights loaded; errors name the recipe field."""
+    spec = loaded.recipe.model
+    label = loaded.label
+    if spec.exported is not None:
+        path = loaded.resolve(spec.exported)
+        if not path.is_file():
+            raise RecipeError(f"{label}: model.exported: file not found: {path}")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as e:
+            raise RecipeError(f"{label}: model.exported: {path.name} is not a torch.export program ({e})") from e
+        return program.module()
+    assert spec.factory is not None  # guaranteed by ModelSpec's validator
+    factory = import_callable(spec.factory, import_roots(loaded), f"{label}: model.factory")
+    if not callable(factory):
+        raise RecipeError(f"{label}: model.factory: '{spec.factory}' is not callable")
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{label}: model.kwargs: calling '{spec.factory}' failed: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"{label}: model.factory: '{spec.factory}' returned {type(model).__name__}, not an nn.Module")
+    if spec.weights is not None:
+        _load_weights(model, loaded.resolve(spec.weights), label)
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, path: Path, label: str) -> None:
+    if not path.is_file():
+        raise RecipeError(
+            f"{label}: model.weights: file not found: {path} (for the bundled example, `make demo` trains it)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RecipeError(f"{label}: model.weights: cannot read {path.name} as a state_dict ({e})") from e
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict):
+        raise RecipeError(f"{label}: model.weights: {path.name} holds a {type(state).__name__}, not a state_dict")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RecipeError(
+            f"{label}: model.weights: {path.name} does not match {type(model).__name__}: "
+            f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}; "
+            "check model.kwargs match the checkpoint"
+        )

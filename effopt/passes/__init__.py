@@ -1,0 +1,29 @@
+"""The pass registry: one explicit tuple, read top to bottom.
+
+A recipe's pass word maps to the class whose ``name`` it is; `effopt passes`
+lists this tuple with each pass's summary and options.
+"""
+
+from __future__ import annotations
+
+from effopt.errors import PassError
+from effopt.optimizer.pass_base import Pass
+from effopt.passes.eliminate_dead_code import EliminateDeadCode
+from effopt.passes.fold_batchnorm import FoldBatchNorm
+
+REGISTRY: tuple[type[Pass], ...] = (
+    FoldBatchNorm,
+    EliminateDeadCode,
+)
+
+
+def pass_names() -> tuple[str, ...]:
+    return tuple(p.name for p in REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``; the error lists every valid name."""
+    for p in REGISTRY:
+        if p.name == name:
+            return p
+    raise PassError(f"unknown pass {name!r}; valid passes: {', '.join(pass_names())}")
