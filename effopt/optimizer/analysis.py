@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 
 from effopt.errors import TraceError
 from effopt.optimizer.trace import user_line
-from effopt.optimizer.ir import IR, META_KEY, CostTotals, NodeFacts, TensorSpec, facts, has_facts
+from effopt.optimizer.ir import IR, META_KEY, CostTotals, NodeFacts, TensorSpec, facts, has_facts, profile_dtype
 
 # -- canonical op names -------------------------------------------------------------------------
 
@@ -283,7 +283,15 @@ def _facts_for(kind: str, label: str, c: _Call) -> NodeFacts:
         bytes_read=read,
         bytes_written=written,
         counted=flops is not None,
+        compute_dtype=_compute_dtype(c),
     )
+
+
+def _compute_dtype(c: _Call) -> str:
+    """Weights decide where there are any (a quantized layer has int8 weights); else the output dtype."""
+    floats = [w for w in c.weights if w.dtype.is_floating_point or w.dtype in (torch.int8, torch.uint8)]
+    source = floats[0] if floats else (c.outputs[0] if c.outputs else None)
+    return profile_dtype(str(source.dtype).removeprefix("torch.")) if source is not None else "fp32"
 
 
 def _module_weights(mod: nn.Module) -> tuple[torch.Tensor, ...]:

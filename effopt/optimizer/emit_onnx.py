@@ -9,6 +9,8 @@ correct graph, but one that is not ready to ship as an artefact:
   (STYLE rule 15), so all ``doc_string`` and ``metadata_props`` fields are stripped;
 - a batch dimension of size 1 in the example input can be specialised to a constant, so
   dynamic-batch inputs are exported from a batch-2 copy;
+- when ``forward`` pins the batch, it does not fail but silently re-exports with a fixed
+  batch (see ``_check_dynamic_batch``), so the input shapes are checked after export;
 - it prints and logs (the torchvision notice, FutureWarnings, a partial FX graph on stderr when
   ``torch.export`` fails), while library code must stay quiet (STYLE rule 19).
 
@@ -39,11 +41,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.logger import G_LOGGER
 import onnxruntime as ort
 import torch
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from effopt.errors import EmitError
 
@@ -107,9 +109,10 @@ def export_onnx(
     The module is exported in eval mode (BatchNorm uses running statistics, dropout is off)
     and its train/eval flags are restored afterwards. Dynamic-batch inputs share one batch
     symbol named ``batch``; if the exporter could only produce a fixed batch, this raises
-    rather than ship a file that fails at any other batch size. Graph inputs are named ``input_names``; outputs keep the
-    exporter's names. The bytes depend only on the module's code structure, weights and these
-    arguments (not on file paths or the process), so two exports compare equal byte for byte.
+    rather than ship a file that fails at any other batch size. Graph inputs are named
+    ``input_names``; outputs keep the exporter's names (e.g. ``linear``, ``relu``). The bytes
+    depend only on the module's graph, weights and these arguments (not on file paths, the
+    process or hash seeds), so two exports compare equal byte for byte.
     The file is written to ``<path>.tmp`` and renamed, so a reader never sees half a file.
 
     Raises:
@@ -164,7 +167,7 @@ def compare_onnx(
     passed = True
     for index, args in enumerate(inputs):
         with _eval_mode(module), torch.no_grad():
-            expected = _flatten_outputs(module(*args), where=f"{type(module).__name__} output")
+            expected = _flatten_outputs(module(*args), where=f"model {type(module).__name__!r} output")
         actual = _run_session(session, [_to_numpy(t) for t in args], path)
         _check_output_structure(actual, expected, where=f"{path}: input tuple {index}")
         for got, ref in zip(actual, expected, strict=True):
@@ -186,7 +189,7 @@ def _validate_export_args(
     dynamic_batch: Sequence[bool],
 ) -> None:
     """Reject argument mistakes before the (slow, noisy) exporter runs."""
-    where = type(module).__name__
+    where = f"model {type(module).__name__!r}"
     n = len(example_inputs)
     if len(input_names) != n or len(dynamic_batch) != n:
         raise EmitError(
@@ -216,9 +219,11 @@ def _export_args(
 ) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, torch.export.Dim] | None, ...] | None]:
     """Example inputs and ``dynamic_shapes`` for torch.export.
 
-    torch.export may specialise a size-1 dimension to the constant 1 ("You marked batch as
-    dynamic but your code specialized it"), so dynamic inputs with batch 1 are repeated to
-    batch 2 (dtype kept). One ``Dim`` object is shared so all inputs get the same symbol.
+    torch.export specialises a size-1 dimension to the constant 1 ("You marked batch as
+    dynamic but your code specialized it") unless ``backed_size_oblivious`` is on, which
+    torch.onnx.export turns on in torch 2.13 but not in every release. So dynamic inputs with
+    batch 1 are repeated to batch 2 (dtype kept); the exported graph is the same either way.
+    One ``Dim`` object is shared so all inputs get the same symbol.
     E.g. shapes ``(1, 3, 8, 8)`` and ``(1, 4)`` with flags ``[True, False]`` give
     ``(2, 3, 8, 8)``, ``(1, 4)`` and ``({0: batch}, None)``.
     """
@@ -321,7 +326,7 @@ def _check_dynamic_batch(
 
 
 def _export_failure_message(model_class: str, error: BaseException) -> str:
-    """``'<class>: ONNX export failed: <root cause first line>; <hint>'``.
+    """``"model '<class>': ONNX export failed: <root cause first line>; <hint>"``.
 
     The exporter wraps the real cause (e.g. ``GuardOnDataDependentSymNode: Could not guard on
     data-dependent expression ...``) in a multi-paragraph, ANSI-coloured message, so the

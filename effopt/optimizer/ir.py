@@ -75,6 +75,7 @@ class NodeFacts:
     bytes_read: int
     bytes_written: int
     counted: bool = True
+    compute_dtype: str = "fp32"  # hardware-profile vocabulary: fp32, fp16, bf16, int8, int4 (see `profile_dtype`)
 
     @property
     def bytes_moved(self) -> int:
@@ -84,6 +85,21 @@ class NodeFacts:
     def intensity(self) -> float:
         """Arithmetic intensity in FLOPs per byte moved (0 when nothing moves)."""
         return self.flops / self.bytes_moved if self.bytes_moved else 0.0
+
+
+_PROFILE_DTYPES = {
+    "float32": "fp32", "float64": "fp32", "float16": "fp16", "bfloat16": "bf16",
+    "int8": "int8", "uint8": "int8", "qint8": "int8", "quint8": "int8", "int32": "int8",
+}
+
+
+def profile_dtype(torch_dtype: str) -> str:
+    """The hardware-profile dtype a tensor of ``torch_dtype`` is computed in (``float32`` → ``fp32``).
+
+    int32 maps to int8 because effopt only produces int32 as the accumulator of
+    int8 products; integer index tensors (int64) are not compute and map to fp32.
+    """
+    return _PROFILE_DTYPES.get(torch_dtype, "fp32")
 
 
 @dataclass(frozen=True)

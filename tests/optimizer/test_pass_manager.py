@@ -1,0 +1,103 @@
+"""Pass manager: ordering constraints, error context, re-annotation and deltas."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+from effopt.errors import PassError, RecipeError
+from effopt.optimizer.analysis import annotate
+from effopt.optimizer.ir import IR, InputSpec, facts
+from effopt.optimizer.pass_base import Pass, PassContext, PassResult
+from effopt.optimizer.pass_manager import check_order, run_passes
+from effopt.optimizer.trace import trace_module
+from effopt.passes import get_pass
+from effopt.recipes import parse_recipe
+
+
+class _Noop(Pass):
+    name: ClassVar[str] = "noop"
+    summary: ClassVar[str] = "does nothing"
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        return PassResult(ir)
+
+
+class _NeedsFold(_Noop):
+    name: ClassVar[str] = "needs_fold"
+    after: ClassVar[tuple[str, ...]] = ("fold_batchnorm",)
+
+
+class _Broken(_Noop):
+    name: ClassVar[str] = "broken"
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        raise ValueError("boom")
+
+
+class _DoubleRelu(_Noop):
+    """Replaces the first relu with two relus in a row: a real edit whose cost the manager must see."""
+
+    name: ClassVar[str] = "double_relu"
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        node = next(n for n in ir.gm.graph.nodes if n.op == "call_module" and isinstance(ir.module_of(n), nn.ReLU))
+        with ir.gm.graph.inserting_after(node):
+            extra = ir.gm.graph.call_function(torch.relu, (node,))
+        node.replace_all_uses_with(extra)
+        extra.args = (node,)
+        return PassResult(ir, changed=(extra.name,))
+
+
+def _ir() -> IR:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    spec = InputSpec("x", (1, 3, 8, 8))
+    return annotate(IR(trace_module(model), (spec,), (torch.randn(1, 3, 8, 8),)))
+
+
+def _fold():
+    cls = get_pass("fold_batchnorm")
+    return cls(cls.Options())
+
+
+def test_order_violation_names_both_passes_and_the_fix() -> None:
+    passes = [_NeedsFold(), _Noop(), _fold()]
+    with pytest.raises(PassError, match=r"passes\[0\] 'needs_fold' must run after 'fold_batchnorm' \(passes\[2\]\).*move"):
+        check_order(passes)
+    check_order([_fold(), _NeedsFold()])
+    check_order([_NeedsFold()])  # a constraint on an absent pass is ignored
+
+
+def test_order_is_checked_when_the_recipe_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import effopt.passes as registry
+
+    monkeypatch.setattr(registry, "REGISTRY", registry.REGISTRY + (_NeedsFold,))
+    data = {"version": 1, "model": {"factory": "m:f"}, "inputs": [{"name": "x", "shape": [1]}],
+            "passes": ["needs_fold", "fold_batchnorm"]}
+    with pytest.raises(RecipeError, match="must run after 'fold_batchnorm'"):
+        parse_recipe(data)
+    assert [p.name for p in parse_recipe({**data, "passes": ["fold_batchnorm", "needs_fold"]}).passes] == [
+        "fold_batchnorm", "needs_fold"]
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it() -> None:
+    with pytest.raises(PassError, match=r"pass 'broken' failed \(after fold_batchnorm, noop\): ValueError: boom"):
+        run_passes(_ir(), [_fold(), _Noop(), _Broken()], PassContext())
+
+
+def test_manager_reannotates_and_fills_deltas_from_totals() -> None:
+    ir = _ir()
+    seen = []
+    ir, records = run_passes(ir, [_fold(), _DoubleRelu(), _Noop()], PassContext(), on_pass=seen.append)
+    fold, double, noop = records
+    assert seen == records
+    assert fold.result.delta.params == -8 and fold.result.delta.nodes == -1
+    assert fold.result.delta.flops == -2 * 4 * 6 * 6
+    assert double.result.delta.flops == 4 * 6 * 6 and double.result.delta.nodes == 1
+    assert noop.result.delta.flops == 0 and not noop.result.modified
+    new_relu = next(n for n in ir.gm.graph.nodes if n.op == "call_function" and n.target is torch.relu)
+    assert facts(new_relu).flops == 4 * 6 * 6  # the manager annotated the node the pass created
+    assert fold.after == double.before
