@@ -155,7 +155,16 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     out = None
     if emit:
         out = Path(output_dir) if output_dir is not None else loaded.resolve(r.output.dir)
-        report = _emit(out, report, ir, r)
+        try:
+            report = _emit(out, report, ir, r)
+        except EmitError as e:
+            if not r.model.leaf_modules:
+                raise
+            raise EmitError(
+                f"{e}. Note: model.leaf_modules ({', '.join(repr(m) for m in r.model.leaf_modules)}) are opaque to torch.fx only; "
+                "torch.export, which writes both pt2 and ONNX, still traces into them, so their forward must be "
+                "exportable (torch.where/torch.cond instead of Python if on tensor values), or set output.formats: []"
+            ) from e
     return Result(report, ir, model, out)
 
 

@@ -66,14 +66,23 @@ def export_args(
 
 
 def export_program(module: nn.Module, specs: Sequence[InputSpec], example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+    """torch.export the optimized model with a dynamic batch where the recipe asks for one."""
+    from effopt.optimizer.emit_onnx import quiet_third_party  # torch.export prints partial graphs on failure
+
     args, dynamic = export_args(specs, example_inputs)
     try:
-        return torch.export.export(module, args, dynamic_shapes=dynamic)
+        with quiet_third_party():
+            return torch.export.export(module, args, dynamic_shapes=dynamic)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        hint = (
+            "the inputs' dynamic_batch: false may help" if "specializ" in text or "Constraints violated" in text
+            else "replace data-dependent Python control flow in forward() with torch.where/torch.cond"
+        )
         raise EmitError(
-            f"torch.export failed on the optimized {type(module).__name__}: {first}. "
-            "Set output.formats without 'pt2' to skip this artefact, or set the inputs' dynamic_batch: false"
+            f"torch.export failed on the optimized {type(module).__name__}: {first}. Fix: {hint}; "
+            "or leave 'pt2' out of output.formats to skip this artefact"
         ) from e
 
 

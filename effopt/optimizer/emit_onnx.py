@@ -48,6 +48,7 @@ from google.protobuf.message import Message
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from effopt.errors import EmitError
+from effopt.optimizer.verify import elementwise_errors
 
 __all__ = ["OnnxAgreement", "compare_onnx", "export_onnx", "run_onnx"]
 
@@ -172,10 +173,10 @@ def compare_onnx(
         _check_output_structure(actual, expected, where=f"{path}: input tuple {index}")
         for got, ref in zip(actual, expected, strict=True):
             got64, ref64 = got.astype(np.float64), ref.astype(np.float64)  # bool/int outputs too
-            abs_err, rel_err = _errors(got64, ref64)
+            abs_err, rel_err, within = _errors(got64, ref64, rtol, atol)
             max_abs = max(max_abs, abs_err)
             max_rel = max(max_rel, rel_err)
-            passed = passed and bool(np.allclose(got64, ref64, rtol=rtol, atol=atol))
+            passed = passed and within
     return OnnxAgreement(max_abs_err=max_abs, max_rel_err=max_rel, passed=passed)
 
 
@@ -257,7 +258,7 @@ def _torch_to_onnx(
     fusion); tests turn it off to see what the graphsurgeon cleanup alone removes.
     """
     try:
-        with _eval_mode(module), _quiet_third_party():
+        with _eval_mode(module), quiet_third_party():
             program = torch.onnx.export(
                 module,
                 args,
@@ -383,7 +384,7 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_third_party() -> Iterator[None]:
+def quiet_third_party() -> Iterator[None]:
     """Silence the exporter and graphsurgeon for one call, restoring everything afterwards.
 
     - warnings (FutureWarning from pytree, "exporting in training mode"): ``catch_warnings``;
@@ -424,7 +425,7 @@ def _clean_graph(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     ``k`` an initializer: the Constant/Cast/Mul/Add chain on ``k`` becomes one initializer.
     """
     try:
-        with _quiet_third_party():
+        with quiet_third_party():
             graph = gs.import_onnx(model)
             graph.fold_constants(error_ok=True, size_threshold=_FOLD_SIZE_THRESHOLD_BYTES)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -574,13 +575,16 @@ def _check_output_structure(actual: list[np.ndarray], expected: list[np.ndarray]
             raise EmitError(f"{where}: output {i} has shape {got.shape} in ONNX but {ref.shape} in torch")
 
 
-def _errors(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """``(max|got - ref|, max|got - ref| / max|ref|)`` in float64; ``(0, 0)`` for empty outputs.
+def _errors(got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> tuple[float, float, bool]:
+    """``(max|got - ref|, that / max|ref|, allclose)`` with verification's NaN/inf rules; zeros for empty outputs.
 
-    E.g. got ``[1.0, 2.5]``, ref ``[1.0, 2.0]`` gives ``(0.5, 0.25)``.
+    E.g. got ``[1.0, 2.5]``, ref ``[1.0, 2.0]`` gives ``(0.5, 0.25, ...)``; NaN on both
+    sides at the same place is agreement (see `effopt.optimizer.verify.elementwise_errors`).
     """
     if ref.size == 0:
-        return 0.0, 0.0
-    ref64 = ref.astype(np.float64)
-    abs_err = float(np.max(np.abs(got.astype(np.float64) - ref64)))
-    return abs_err, abs_err / (float(np.max(np.abs(ref64))) + 1e-12)
+        return 0.0, 0.0, True
+    ref_t = torch.from_numpy(ref.astype(np.float64))
+    diff, excess = elementwise_errors(torch.from_numpy(got.astype(np.float64)), ref_t, rtol, atol)
+    abs_err = float(diff.max())
+    scale = float(ref_t.abs().nan_to_num(nan=0.0, posinf=0.0).max())
+    return abs_err, abs_err / (scale + 1e-12), bool((excess <= 0).all())

@@ -33,9 +33,28 @@ def import_paths(paths: Sequence[Path]) -> Iterator[None]:
                 sys.path.remove(p)
 
 
+def _forget_shadowed(top: str, roots: Sequence[Path]) -> None:
+    """Drop a cached module ``top`` (and its submodules) if ``roots`` hold a different one of that name.
+
+    Two recipes in different folders may each ship a ``net.py``; without this the
+    second recipe would silently get the first recipe's cached module.
+    """
+    cached = sys.modules.get(top)
+    if cached is None:
+        return
+    local = next((r / f for r in roots for f in (f"{top}.py", top) if (r / f).exists()), None)
+    if local is None:
+        return
+    origin = Path(getattr(cached, "__file__", "") or "")
+    if origin.resolve() not in (local.resolve(), (local / "__init__.py").resolve()):
+        for name in [m for m in sys.modules if m == top or m.startswith(f"{top}.")]:
+            del sys.modules[name]
+
+
 def import_callable(spec: str, roots: Sequence[Path], where: str) -> object:
     """Import ``'pkg.module:attr'`` with ``roots`` importable; ``where`` names the recipe field in errors."""
     module_name, _, attr = spec.partition(":")
+    _forget_shadowed(module_name.partition(".")[0], roots)
     with import_paths(roots):
         try:
             module = importlib.import_module(module_name)

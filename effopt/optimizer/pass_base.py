@@ -68,15 +68,25 @@ class PassResult:
 
 
 class Pass(ABC):
-    """Base class of effopt passes (see `effopt.passes` for the registry)."""
+    """Base class of effopt passes (see `effopt.passes` for the registry).
+
+    ``lossy`` passes change what the model computes (pruning, quantization) and
+    are chosen by ``passes: auto`` only when the goal allows an accuracy drop;
+    exact passes (folding, dead-code removal) always may be.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[PassOptions]] = PassOptions
     after: ClassVar[tuple[str, ...]] = ()
+    lossy: ClassVar[bool] = False
 
     def __init__(self, options: PassOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    def target_support(self, profile: Any) -> str | None:
+        """Why this pass cannot run for ``profile`` (e.g. int8 needs int8 support), or None if it can."""
+        return None
 
     @abstractmethod
     def run(self, ir: IR, ctx: PassContext) -> PassResult:

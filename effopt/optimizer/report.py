@@ -8,6 +8,7 @@ bytes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ class Report:
         return self.verification.passed and all(a.passed for a in self.artefacts)
 
     def to_json(self) -> str:
-        return json.dumps(_round(self.to_dict()), indent=2, sort_keys=False) + "\n"
+        return json.dumps(_round(self.to_dict()), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         v = self.verification
@@ -168,6 +169,8 @@ def human_bytes(n: float) -> str:
 
 def _round(x: Any) -> Any:
     if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)  # "nan", "inf", "-inf": JSON has no literal for them
         return float(f"{x:.6g}")
     if isinstance(x, dict):
         return {k: _round(v) for k, v in x.items()}

@@ -64,7 +64,8 @@ def user_line(frames: Sequence[tuple[str, int | None]]) -> str | None:
     if not mine:
         return None
     f, n = mine[-1]
-    return f"{os.path.relpath(f) if not f.startswith('<') else f}:{n}"
+    rel = os.path.relpath(f) if not f.startswith("<") else f
+    return f"{f if rel.startswith('..') else rel}:{n}"  # relative only when under the working folder
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules: Sequence[str]) -> tuple[frozenset[str], frozenset[str]]:

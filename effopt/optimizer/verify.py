@@ -73,6 +73,20 @@ class Verification:
         return [c.describe(self.rtol, self.atol) for c in self.checks if not c.within_tolerance]
 
 
+def elementwise_errors(opt: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|opt − ref|, |opt − ref| − (atol + rtol·|ref|)) in float64, treating equal non-finite values as equal.
+
+    NaN where the original has NaN, or the same infinity, is agreement (error 0);
+    a NaN or infinity on one side only is an infinite error. E.g. opt [1, nan, 3],
+    ref [1, nan, 2], rtol 0, atol 0.5 → errors [0, 0, 1], excess [-0.5, -0.5, 0.5].
+    """
+    opt, ref = opt.double(), ref.double()
+    same = (opt == ref) | (opt.isnan() & ref.isnan())
+    diff = torch.where(same, torch.zeros_like(opt), (opt - ref).abs()).nan_to_num(nan=float("inf"))
+    excess = diff - (atol + rtol * ref.abs().nan_to_num(nan=0.0, posinf=0.0))
+    return diff, torch.where(same, torch.full_like(excess, -atol), excess)
+
+
 def _outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
@@ -108,11 +122,10 @@ def compare(
     for k in range(len(refs[0]) if refs else 0):
         ref = torch.cat([r[k].reshape(-1, *r[k].shape[1:]) if r[k].dim() else r[k].reshape(1) for r in refs]).double()
         opt = torch.cat([o[k].reshape(-1, *o[k].shape[1:]) if o[k].dim() else o[k].reshape(1) for o in opts]).double()
-        diff = (opt - ref).abs()
-        excess = diff - (atol + rtol * ref.abs())
+        diff, excess = elementwise_errors(opt, ref, rtol, atol)
         flat = int(torch.argmax(excess).item()) if excess.numel() else 0
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ref.shape)) if ref.numel() else ()
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        scale = float(ref.abs().nan_to_num(nan=0.0, posinf=0.0).max()) if ref.numel() else 0.0
         top1 = None
         if ref.dim() == 2 and ref.shape[1] > 1:
             top1 = float((ref.argmax(1) == opt.argmax(1)).double().mean())

@@ -100,6 +100,10 @@ def resolve_passes(recipe: Recipe, label: str = "<recipe>", tree: yaml.Node | No
 
     built: list[Pass] = []
     for i, spec in enumerate(recipe.passes):
+        if spec.name == "auto":
+            if spec.options:
+                raise RecipeError(f"{label}: passes[{i}]: 'auto' takes no options; put goals under goal:")
+            continue
         line = _line_of(tree, ("passes", i))
         where = f"{label}:{line}" if line else label
         try:
@@ -110,7 +114,7 @@ def resolve_passes(recipe: Recipe, label: str = "<recipe>", tree: yaml.Node | No
             options = cls.Options.model_validate(spec.options)
         except ValidationError as e:
             raise RecipeError(
-                _render(e, label, tree, ("passes", i))
+                _render(e, label, tree, ("passes", i, "options"))
                 + f"\n  options of '{cls.name}': {_fields_hint(cls.Options)} (see `effopt passes`)"
             ) from e
         built.append(cls(options))

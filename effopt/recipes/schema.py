@@ -31,12 +31,17 @@ class ModelSpec(_Strict):
     leaf_modules: tuple[str, ...] = Field((), description="submodule paths or class names fx must not trace into")
     pythonpath: tuple[str, ...] = Field((), description="extra import folders, relative to the recipe")
 
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, v: str | None) -> str | None:
+        if v is not None and not _FACTORY.match(v):
+            raise ValueError(f"{v!r} must look like 'package.module:callable'")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.factory is None) == (self.exported is None):
             raise ValueError("give exactly one of 'factory' (module:callable) or 'exported' (a .pt2 file)")
-        if self.factory is not None and not _FACTORY.match(self.factory):
-            raise ValueError(f"factory {self.factory!r} must look like 'package.module:callable'")
         if self.exported is not None and (self.weights or self.kwargs):
             raise ValueError("'weights' and 'kwargs' apply to 'factory' only; an exported program carries its weights")
         return self
@@ -121,6 +126,16 @@ class DataSpec(_Strict):
     train: DataSourceSpec | None = None
 
 
+class GoalSpec(_Strict):
+    """What the user wants from the optimized model; checked at the end of compile (exit 1 when missed)."""
+
+    latency_budget_ms: float | None = Field(None, gt=0, description="predicted latency on the target at the recipe's batch must be at most this")
+    min_speedup: float | None = Field(None, gt=0, description="predicted original/optimized latency ratio on the target must be at least this")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="largest allowed drop of the eval headline metric (top-1 as a fraction: 0.005 = 0.5 points)"
+    )
+
+
 class Recipe(_Strict):
     """A whole recipe file."""
 
@@ -128,11 +143,37 @@ class Recipe(_Strict):
     model: ModelSpec
     inputs: tuple[InputSpecModel, ...] = Field(min_length=1)
     target: str = Field("x86-avx2", description="shipped hardware profile name, or a path to a profile YAML")
-    passes: tuple[PassSpec, ...] = ()
+    passes: tuple[PassSpec, ...] = Field((), description="ordered passes; 'auto' (alone or as an item) lets the planner add passes")
+    goal: GoalSpec = GoalSpec()
+    task: Literal["auto", "classification", "regression", "generic"] = Field(
+        "auto", description="how outputs are scored; auto = classification when eval data has labels"
+    )
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="shorthand for goal.max_accuracy_drop")
     verify: VerifySpec = VerifySpec()
     output: OutputSpec = OutputSpec()
     data: DataSpec = DataSpec()
     seed: int = Field(0, description="seed of every random draw effopt makes")
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _auto_alone(cls, v: Any) -> Any:
+        return ["auto"] if v == "auto" else v
+
+    @model_validator(mode="after")
+    def _one_accuracy_budget(self) -> Recipe:
+        top, goal = self.max_accuracy_drop, self.goal.max_accuracy_drop
+        if top is not None and goal is not None and top != goal:
+            raise ValueError(f"max_accuracy_drop ({top}) and goal.max_accuracy_drop ({goal}) disagree; give one")
+        return self
+
+    @property
+    def accuracy_budget(self) -> float | None:
+        """The allowed accuracy drop, from either place it can be written."""
+        return self.goal.max_accuracy_drop if self.goal.max_accuracy_drop is not None else self.max_accuracy_drop
+
+    @property
+    def auto(self) -> bool:
+        return any(p.name == "auto" for p in self.passes)
 
     @field_validator("inputs")
     @classmethod

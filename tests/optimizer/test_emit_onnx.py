@@ -299,8 +299,8 @@ def test_agreement_is_frozen() -> None:
 
 
 def test_errors_relative_to_reference_scale() -> None:
-    assert emit_onnx._errors(np.array([1.0, 2.5]), np.array([1.0, 2.0])) == pytest.approx((0.5, 0.25))
-    assert emit_onnx._errors(np.zeros((0, 3)), np.zeros((0, 3))) == (0.0, 0.0)
+    assert emit_onnx._errors(np.array([1.0, 2.5]), np.array([1.0, 2.0]), 0.0, 0.0)[:2] == pytest.approx((0.5, 0.25))
+    assert emit_onnx._errors(np.zeros((0, 3)), np.zeros((0, 3)), 0.0, 0.0) == (0.0, 0.0, True)
 
 
 def test_training_model_exports_in_eval_and_keeps_its_state(tmp_path: Path) -> None:
