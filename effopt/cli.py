@@ -84,8 +84,26 @@ def compile_cmd(recipe: Path, output: Path | None) -> None:
     click.echo(result.report.to_markdown())
     click.echo(f"artefacts: {result.output_dir}")
     if not result.passed:
-        click.echo("effopt: verification failed; see report.json → verification.failures", err=True)
+        where = result.output_dir / "report.json" if result.output_dir else "the report"
+        click.echo(f"effopt: verification failed; artefacts and {where} were written anyway:", err=True)
+        for failure in result.report.failures():
+            click.echo(f"  - {failure}", err=True)
         sys.exit(EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--artifact", type=click.Path(path_type=Path), help="Folder with model.pt2/model.onnx (default: output.dir).")
+@_handle_errors
+def evaluate(recipe: Path, artifact: Path | None) -> None:
+    """Metrics of the original model and of each emitted artefact on the recipe's data.eval."""
+    from effopt.optimizer.compiler import evaluate_artefacts
+    from effopt.optimizer.report import evaluation_table
+
+    stages = evaluate_artefacts(recipe, artifact)
+    first = stages[0].evaluation
+    click.echo(f"{first.task} on {first.dataset} ({(first.classification or first.agreement).samples} samples)\n")
+    click.echo("\n".join(evaluation_table(stages)))
 
 
 @main.command()

@@ -234,11 +234,13 @@ def test_digits_recipe_compiles_with_a_trained_checkpoint(tmp_path: Path) -> Non
     assert result.passed, result.report.verification.failures()
     assert result.output_dir == tmp_path / "out"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ARTEFACTS
-    v = result.report.verification
-    assert v.accuracy_before is not None and v.accuracy_after is not None
-    assert v.accuracy_before.samples == 450
-    assert v.accuracy_after.top1 == pytest.approx(v.accuracy_before.top1, abs=1 / 450)
-    assert v.accuracy_before.top1 == pytest.approx(accuracy, abs=1e-9)
+    stages = {s.stage: s.evaluation for s in result.report.evaluations}
+    assert list(stages) == ["original", "after fold_batchnorm", "after eliminate_dead_code"]
+    before, after = stages["original"].classification, stages["after eliminate_dead_code"].classification
+    assert before is not None and after is not None and before.samples == 450
+    assert after.top1 == pytest.approx(before.top1, abs=1 / 450)
+    assert before.top1 == pytest.approx(accuracy, abs=1e-9)
+    assert result.report.task == "classification"
     fold = result.report.passes[0]
     assert fold.name == "fold_batchnorm" and len(fold.result.changed) == 4  # bn1..bn4
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in result.model.modules())

@@ -8,7 +8,7 @@ which step and which input broke.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,16 +17,22 @@ from torch import nn
 from effopt.errors import EmitError, RecipeError
 from effopt.hardware_profiles import HardwareProfile, load_profile
 from effopt.optimizer.analysis import annotate, totals
+from effopt.optimizer.cost_model import ModelCost, estimate
 from effopt.optimizer.data import DataSource, load_source
 from effopt.optimizer.emit import atomic_dir, export_program, save_pt2, sha256
 from effopt.optimizer.emit_onnx import compare_onnx, export_onnx
+from effopt.optimizer.evaluate import Task, evaluate, onnx_callable
+from effopt.optimizer.finetune import SERVICE_KEY as FINETUNE_SERVICE
+from effopt.optimizer.finetune import FineTuner
 from effopt.optimizer.ir import IR, InputSpec
 from effopt.optimizer.model_loading import load_model
 from effopt.optimizer.pass_base import PassContext
 from effopt.optimizer.pass_manager import PassRecord, run_passes
-from effopt.optimizer.report import ArtefactInfo, Report
+from effopt.optimizer.planner import make_plan
+from effopt.optimizer.report import ArtefactInfo, GoalCheck, PlanLine, Prediction, Report, StageEvaluation
 from effopt.optimizer.trace import trace_module
 from effopt.optimizer.verify import OutputAgreement, compare, random_batches, verify
+from effopt.passes import REGISTRY
 from effopt.recipes.loading import LoadedRecipe, load_recipe, parse_recipe
 from effopt.recipes.schema import Recipe
 
@@ -106,9 +112,65 @@ def prepare(recipe: str | Path | Recipe | LoadedRecipe | dict, target: str | Non
     return Prepared(loaded, profile, model, build_ir(model, loaded))
 
 
-def _eval_data(loaded: LoadedRecipe, specs: tuple[InputSpec, ...]) -> DataSource | None:
-    spec = loaded.recipe.data.eval
-    return load_source(spec, loaded, specs, "eval") if spec is not None else None
+def _source(loaded: LoadedRecipe, specs: tuple[InputSpec, ...], role: str) -> DataSource | None:
+    spec = getattr(loaded.recipe.data, role)
+    return load_source(spec, loaded, specs, role) if spec is not None else None
+
+
+def resolve_task(task: str, eval_data: DataSource | None) -> Task | None:
+    """``auto`` → classification when the eval data has labels, else generic; None without eval data."""
+    if eval_data is None:
+        return None
+    if task == "auto":
+        return "classification" if eval_data.has_labels else "generic"
+    return task  # type: ignore[return-value]
+
+
+def _check_goal_inputs(loaded: LoadedRecipe, eval_data: DataSource | None) -> None:
+    if loaded.recipe.accuracy_budget is not None and eval_data is None:
+        raise RecipeError(
+            f"{loaded.label}: max_accuracy_drop needs data to measure accuracy on; add data.eval "
+            "(e.g. {source: sklearn-digits:test}) or remove the goal"
+        )
+
+
+def _predict(before: ModelCost, ir: IR, profile: HardwareProfile) -> Prediction:
+    after = estimate(ir, profile)
+    problems = tuple(c.reason or c.node for c in after.unsupported[:5])
+    if after.memory_reason:
+        problems += (after.memory_reason,)
+    return Prediction(profile.name, after.batch, before.total_s, after.total_s, after.runnable, problems)
+
+
+def _goal_checks(recipe: Recipe, prediction: Prediction, evaluations: list[StageEvaluation]) -> tuple[GoalCheck, ...]:
+    """Every goal the recipe sets, measured; plus 'runs on the target', which is always a goal."""
+    checks = [GoalCheck(
+        "runs_on_target", 1.0, 1.0 if prediction.runnable_after else 0.0, prediction.runnable_after,
+        f"the optimized model runs on {prediction.profile}" if prediction.runnable_after
+        else f"cannot run on {prediction.profile}: " + "; ".join(prediction.problems_after),
+    )]
+    g = recipe.goal
+    if g.latency_budget_ms is not None:
+        ms = prediction.after_s * 1e3
+        checks.append(GoalCheck(
+            "latency_budget_ms", g.latency_budget_ms, ms, ms <= g.latency_budget_ms,
+            f"predicted {ms:.4g} ms on {prediction.profile} vs budget {g.latency_budget_ms:g} ms",
+        ))
+    if g.min_speedup is not None:
+        checks.append(GoalCheck(
+            "min_speedup", g.min_speedup, prediction.speedup, prediction.speedup >= g.min_speedup,
+            f"predicted speedup {prediction.speedup:.3f}× on {prediction.profile} vs required {g.min_speedup:g}×",
+        ))
+    budget = recipe.accuracy_budget
+    if budget is not None and evaluations:
+        first, last = evaluations[0].evaluation, evaluations[-1].evaluation
+        drop = first.headline - last.headline
+        checks.append(GoalCheck(
+            "max_accuracy_drop", budget, drop, drop <= budget + 1e-12,
+            f"{first.headline_name} {first.headline:.4f} → {last.headline:.4f} on {first.dataset}: drop {drop:.4f} "
+            f"vs allowed {budget:g}",
+        ))
+    return tuple(checks)
 
 
 def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe)
@@ -118,39 +180,58 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
 ) -> Result:
     """Optimize the recipe's model; write artefacts unless ``emit=False``.
 
-    Artefacts are written even when verification fails (``report.json`` then
-    says ``"status": "failed"`` and why), so a missed goal still leaves
+    Artefacts are written even when verification or a goal fails (``report.json``
+    then says ``"status": "failed"`` and why), so a missed goal still leaves
     something to look at; callers check `Result.passed` (the CLI exits 1).
     """
     prepared = prepare(recipe)
-    loaded, model = prepared.loaded, prepared.model
+    loaded, model, profile = prepared.loaded, prepared.model, prepared.profile
     r = loaded.recipe
     specs = prepared.ir.inputs
-    eval_data = _eval_data(loaded, specs)
-    ctx = PassContext(profile=prepared.profile, seed=r.seed)
+    eval_data = _source(loaded, specs, "eval")
+    _check_goal_inputs(loaded, eval_data)
+    task = resolve_task(r.task, eval_data)
+    ctx = _context(loaded, specs, profile, eval_data, task)
+    cost_before = estimate(prepared.ir, profile)
+
+    passes, plan = loaded.passes, ()
+    if r.auto:
+        made = make_plan(prepared.ir, profile, loaded.passes, [cls() for cls in REGISTRY], ctx, r.accuracy_budget)
+        passes, plan = made.passes, tuple(PlanLine(s.name, s.chosen, s.reason) for s in made.steps)
 
     probe = random_batches(specs, 1, r.verify.batch, r.seed + 1)
     pass_errors: list[float] = []
+    evaluations: list[StageEvaluation] = []
+    if eval_data is not None and task is not None:
+        evaluations.append(StageEvaluation("original", evaluate(model, eval_data, task, reference=model)))
 
-    def measure(record: PassRecord) -> None:
+    def observe(record: PassRecord) -> None:
         checks = compare(model, record.result.ir.gm, probe, "probe", r.verify.rtol, r.verify.atol)
         pass_errors.append(max((c.max_abs_err for c in checks), default=0.0))
+        if eval_data is not None and task is not None:
+            stage = StageEvaluation(f"after {record.name}", evaluate(record.result.ir.gm, eval_data, task, reference=model))
+            evaluations.append(stage)
 
-    ir, records = run_passes(prepared.ir, loaded.passes, ctx, on_pass=measure)
+    ir, records = run_passes(prepared.ir, passes, ctx, on_pass=observe)
     verification = verify(
         model, ir.gm, specs, r.verify.rtol, r.verify.atol, r.verify.samples, r.verify.batch, r.seed, eval_data
     )
-    before = records[0].before if records else totals(ir)
+    prediction = _predict(cost_before, ir, profile)
     report = Report(
         recipe=loaded.label,
         model=type(model).__name__,
-        target=prepared.profile.name,
+        target=profile.name,
         torch_version=torch.__version__,
-        before=before,
+        before=records[0].before if records else totals(ir),
         after=totals(ir),
         passes=tuple(records),
         verification=verification,
         pass_errors=tuple(pass_errors),
+        task=task,
+        evaluations=tuple(evaluations),
+        prediction=prediction,
+        plan=plan,
+        goals=_goal_checks(r, prediction, evaluations),
     )
     out = None
     if emit:
@@ -166,6 +247,52 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
                 "exportable (torch.where/torch.cond instead of Python if on tensor values), or set output.formats: []"
             ) from e
     return Result(report, ir, model, out)
+
+
+def evaluate_artefacts(
+    recipe: str | Path | Recipe | LoadedRecipe | dict, artefact_dir: str | Path | None = None
+) -> list[StageEvaluation]:
+    """Score the original model and each emitted artefact (model.pt2, model.onnx) on ``data.eval``.
+
+    ``artefact_dir`` defaults to the recipe's ``output.dir``; artefacts that are not
+    there are left out. Agreement is always measured against the original model.
+    """
+    loaded = as_loaded(recipe)
+    model = load_model(loaded)
+    specs = input_specs(loaded.recipe)
+    eval_data = _source(loaded, specs, "eval")
+    if eval_data is None:
+        raise RecipeError(f"{loaded.label}: data.eval is needed to evaluate; add e.g. data: {{eval: sklearn-digits:test}}")
+    task = resolve_task(loaded.recipe.task, eval_data)
+    assert task is not None  # eval_data is not None
+    folder = Path(artefact_dir) if artefact_dir is not None else loaded.resolve(loaded.recipe.output.dir)
+    if artefact_dir is not None and not folder.is_dir():
+        raise RecipeError(f"--artifact {folder}: no such folder; run effopt compile first")
+    stages = [StageEvaluation("original (eager PyTorch)", evaluate(model, eval_data, task, reference=model))]
+    pt2, onnx_path = folder / "model.pt2", folder / "model.onnx"
+    if pt2.is_file():
+        program = torch.export.load(str(pt2)).module()
+        stages.append(StageEvaluation(f"{pt2.name} (torch.export)", evaluate(program, eval_data, task, reference=model)))
+    if onnx_path.is_file():
+        stages.append(StageEvaluation(
+            f"{onnx_path.name} (onnxruntime)", evaluate(onnx_callable(onnx_path), eval_data, task, reference=model)
+        ))
+    return stages
+
+
+def _context(
+    loaded: LoadedRecipe, specs: tuple[InputSpec, ...], profile: HardwareProfile, eval_data: DataSource | None, task: Task | None
+) -> PassContext:
+    """What passes may use: the target, calibration data, and the fine-tuning service when there is training data."""
+    r = loaded.recipe
+    train = _source(loaded, specs, "train")
+    calibration = _source(loaded, specs, "calibration") or train or eval_data
+    services: dict[str, object] = {}
+    if train is not None:
+        tune_eval = eval_data if (eval_data is not None and (eval_data.has_labels or task != "classification")) else None
+        services[FINETUNE_SERVICE] = FineTuner(train, tune_eval, task or "generic", r.seed)
+        services["finetune_config"] = r.finetune
+    return PassContext(profile=profile, seed=r.seed, calibration=calibration, services=services)
 
 
 def _emit(out: Path, report: Report, ir: IR, recipe: Recipe) -> Report:
@@ -186,7 +313,7 @@ def _emit(out: Path, report: Report, ir: IR, recipe: Recipe) -> Report:
                              "onnx.checker + onnxruntime outputs vs optimized model",
                              agreement.max_abs_err, agreement.passed)
             )
-        report = Report(**{**report.__dict__, "artefacts": tuple(artefacts)})
+        report = replace(report, artefacts=tuple(artefacts))
         (tmp / "report.json").write_text(report.to_json())
         (tmp / "report.md").write_text(report.to_markdown())
     return report

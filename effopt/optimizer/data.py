@@ -43,7 +43,7 @@ class DataSource:
     def batches(self) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
         for sample in loader:
-            yield _split(sample, self.has_labels)
+            yield split_sample(sample, self.has_labels)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -68,7 +68,8 @@ def sklearn_digits(split: str = "all") -> TensorDataset:
     return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
 
 
-def _split(sample: object, has_labels: bool) -> Batch:
+def split_sample(sample: object, has_labels: bool) -> Batch:
+    """A loader sample → `Batch`: the last item is the label when the source has labels."""
     if isinstance(sample, torch.Tensor):
         return Batch((sample,), None)
     items = tuple(sample)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ class PassRecord:
     result: PassResult
     before: CostTotals
     after: CostTotals
+    lossy: bool = False
 
 
 def check_order(passes: Sequence[Pass]) -> None:
@@ -70,7 +71,9 @@ def run_passes(
             raise PassError(f"pass '{p.name}' failed{_after(records)}: {type(e).__name__}: {e}") from e
         after = totals(ir)
         records.append(
-            PassRecord(p.name, p.options.model_dump(mode="json"), replace(result, delta=before.delta(after)), before, after)
+            PassRecord(
+                p.name, p.options.model_dump(mode="json"), replace(result, delta=before.delta(after)), before, after, p.lossy
+            )
         )
         before = after
         if on_pass is not None:

@@ -49,21 +49,10 @@ class OutputAgreement:
 
 
 @dataclass(frozen=True)
-class Accuracy:
-    """Top-1 accuracy of one model on labelled data."""
-
-    dataset: str
-    samples: int
-    top1: float
-
-
-@dataclass(frozen=True)
 class Verification:
     rtol: float
     atol: float
     checks: tuple[OutputAgreement, ...]
-    accuracy_before: Accuracy | None = None
-    accuracy_after: Accuracy | None = None
 
     @property
     def passed(self) -> bool:
@@ -146,18 +135,6 @@ def compare(
     return checks
 
 
-def top1_accuracy(model: nn.Module, source: DataSource) -> Accuracy:
-    """Fraction of labelled samples whose argmax output equals the label."""
-    correct = total = 0
-    with torch.no_grad():
-        for batch in source.batches():
-            assert batch.labels is not None  # callers check source.has_labels
-            out = _outputs(model, batch.inputs)[0]
-            correct += int((out.argmax(-1) == batch.labels).sum())
-            total += int(batch.labels.numel())
-    return Accuracy(source.name, total, correct / total if total else 0.0)
-
-
 def verify(
     original: nn.Module,
     optimized: nn.Module,
@@ -169,11 +146,8 @@ def verify(
     seed: int,
     eval_data: DataSource | None = None,
 ) -> Verification:
-    """Compare on random batches and on ``eval_data``; accuracy before/after when it has labels."""
+    """Compare outputs on random batches and on ``eval_data`` (accuracy is `effopt.optimizer.evaluate`'s job)."""
     checks = compare(original, optimized, random_batches(specs, samples, batch, seed), "random inputs", rtol, atol)
-    before = after = None
     if eval_data is not None:
         checks += compare(original, optimized, (b.inputs for b in eval_data.batches()), f"data.eval ({eval_data.name})", rtol, atol)
-        if eval_data.has_labels:
-            before, after = top1_accuracy(original, eval_data), top1_accuracy(optimized, eval_data)
-    return Verification(rtol, atol, tuple(checks), before, after)
+    return Verification(rtol, atol, tuple(checks))

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from effopt.optimizer.finetune_config import FineTuneConfig
+
 DType = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -149,6 +151,9 @@ class Recipe(_Strict):
         "auto", description="how outputs are scored; auto = classification when eval data has labels"
     )
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="shorthand for goal.max_accuracy_drop")
+    finetune: FineTuneConfig = Field(
+        default_factory=FineTuneConfig, description="default fine-tuning for passes that recover accuracy (needs data.train)"
+    )
     verify: VerifySpec = VerifySpec()
     output: OutputSpec = OutputSpec()
     data: DataSpec = DataSpec()
