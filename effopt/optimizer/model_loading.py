@@ -93,7 +93,11 @@ def load_model(loaded: LoadedRecipe) -> nn.Module:
     if not callable(factory):
         raise RecipeError(f"{label}: model.factory: '{spec.factory}' is not callable")
     try:
-        model = factory(**spec.kwargs)
+        # Seeded, and without touching the caller's RNG: a factory that initialises weights
+        # randomly (no `weights:` file) must still give the same model on every load.
+        with torch.random.fork_rng():
+            torch.manual_seed(loaded.recipe.seed)
+            model = factory(**spec.kwargs)
     except TypeError as e:
         raise RecipeError(f"{label}: model.kwargs: calling '{spec.factory}' failed: {e}") from e
     if not isinstance(model, nn.Module):
