@@ -227,6 +227,7 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
         passes=tuple(records),
         verification=verification,
         pass_errors=tuple(pass_errors),
+        inputs=specs,
         task=task,
         evaluations=tuple(evaluations),
         prediction=prediction,

@@ -100,6 +100,7 @@ class NodeCost:
 
     node: str
     op_kind: str
+    op: str
     dtype: str
     flops: float
     bytes_moved: float
@@ -211,7 +212,7 @@ def node_cost(
         )
     if is_view(f):  # no arithmetic, no data: supported anywhere; a runtime op unless erased
         overhead_s = 0.0 if f.op_kind in ERASED_KINDS else profile.op_overhead_s
-        return NodeCost(name, f.op_kind, dtype, 0.0, 0.0, 0.0, 0.0, overhead_s, overhead_s, "none", True, None)
+        return NodeCost(name, f.op_kind, f.op, dtype, 0.0, 0.0, 0.0, 0.0, overhead_s, overhead_s, "none", True, None)
     weight_bytes = _weight_bytes_of(f)
     size_ratio = BYTES_PER_ELEMENT[dtype] / BYTES_PER_ELEMENT.get(f.compute_dtype, 4.0)
     bytes_moved = ((f.bytes_moved - weight_bytes) * batch_scale + weight_bytes) * size_ratio
@@ -226,6 +227,7 @@ def node_cost(
     return NodeCost(
         node=name,
         op_kind=f.op_kind,
+        op=f.op,
         dtype=dtype,
         flops=flops,
         bytes_moved=bytes_moved,
@@ -395,20 +397,22 @@ def estimate(
 def check_runnable(cost: ModelCost) -> None:
     """Raise `ProfileError` if the priced model cannot run on its target; return None if it can.
 
-    The message names the first unsupported layers (up to 5, with their fix) and the
-    memory problem, e.g. ``model cannot run on 'cortex-m7': 7 layer(s) in a dtype it
-    cannot compute in: layer 'conv1' (Conv2d) computes in fp32 but cortex-m7 runs only
-    int8: quantize it (passes: quantize) or choose another target; ...``.
+    The message names the first unsupported layers (up to 5) and what to do, then the memory
+    problem, e.g. ``model cannot run on 'cortex-m7': 7 layer(s) in a dtype it cannot compute
+    in: layer '_0' (Conv2d) computes in fp32; layer '_1' (ReLU) computes in fp32; ... and 2
+    more; cortex-m7 runs only int8: quantize it (passes: quantize) or choose another target``.
     """
     if cost.runnable:
         return
     parts = []
     if cost.unsupported:
-        listed = "; ".join(c.reason or c.node for c in cost.unsupported[:_MAX_LISTED])
+        listed = "; ".join(f"layer '{c.node}' ({c.op}) computes in {c.dtype}" for c in cost.unsupported[:_MAX_LISTED])
         more = len(cost.unsupported) - _MAX_LISTED
         tail = f"; and {more} more" if more > 0 else ""
+        advice = (cost.unsupported[0].reason or "").partition(" but ")[2]
         parts.append(
             f"{len(cost.unsupported)} layer(s) in a dtype it cannot compute in: {listed}{tail}"
+            + (f"; {advice}" if advice else "")
         )
     if cost.memory_reason:
         parts.append(f"does not fit memory: {cost.memory_reason}")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from effopt.optimizer.evaluate import Evaluation
-from effopt.optimizer.ir import CostTotals
+from effopt.optimizer.ir import CostTotals, InputSpec
 from effopt.optimizer.pass_manager import PassRecord
 from effopt.optimizer.verify import Verification
 
@@ -84,6 +84,7 @@ class Report:
     passes: tuple[PassRecord, ...]
     verification: Verification
     pass_errors: tuple[float, ...] = ()  # max |optimized − original| on one random batch after each pass
+    inputs: tuple[InputSpec, ...] = ()
     task: str | None = None
     evaluations: tuple[StageEvaluation, ...] = ()
     prediction: Prediction | None = None
@@ -122,6 +123,7 @@ class Report:
             "model": self.model,
             "target": self.target,
             "torch_version": self.torch_version,
+            "inputs": [asdict(i) for i in self.inputs],
             "totals": {"before": asdict(self.before), "after": asdict(self.after)},
             "predicted_latency": asdict(self.prediction) | {"speedup": self.prediction.speedup} if self.prediction else None,
             "plan": [asdict(p) for p in self.plan],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from effopt.optimizer.analysis import layer_rows, totals
+from effopt.optimizer.cost_model import ModelCost, estimate
 from effopt.optimizer.ir import IR
 from effopt.optimizer.report import human_bytes
 
@@ -20,25 +21,49 @@ def _markdown(header: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 
 def layer_table(ir: IR, profile: Any = None) -> str:
-    """One row per compute node, then totals."""
+    """One row per compute node, then totals; with a profile, the roofline time and bottleneck per node."""
     header = ["node", "op", "kind", "output shape", "params", "MACs", "FLOPs", "bytes", "FLOP/B"]
+    cost = estimate(ir, profile) if profile is not None else None
+    by_name = cost.by_name() if cost is not None else {}
+    if cost is not None:
+        header += ["dtype", "time µs", "bound"]
     rows = []
     for node, f in layer_rows(ir):
         shape = "×".join(str(d) for d in f.outputs[0].shape) if f.outputs else "–"
-        rows.append([
+        row = [
             node.name, f.op, f.op_kind if f.counted else f"{f.op_kind} (uncounted)", shape,
             f"{f.params:,}", f"{f.macs:,}", f"{f.flops:,}", f"{f.bytes_moved:,}", f"{f.intensity:.2f}",
-        ])
+        ]
+        if cost is not None:
+            c = by_name[node.name]
+            row += [c.dtype + ("" if c.supported else " ✗"), f"{c.time_s * 1e6:.3f}", c.bound]
+        rows.append(row)
     t = totals(ir)
-    rows.append(["TOTAL", "", "", "", f"{t.params:,}", f"{t.macs:,}", f"{t.flops:,}", f"{t.bytes_moved:,}",
-                 f"{t.flops / t.bytes_moved:.2f}" if t.bytes_moved else "0.00"])
-    lines = [_markdown(header, rows, {4, 5, 6, 7, 8}), "",
+    total = ["TOTAL", "", "", "", f"{t.params:,}", f"{t.macs:,}", f"{t.flops:,}", f"{t.bytes_moved:,}",
+             f"{t.flops / t.bytes_moved:.2f}" if t.bytes_moved else "0.00"]
+    if cost is not None:
+        total += ["", f"{cost.total_s * 1e6:.3f}", ""]
+    rows.append(total)
+    right = {4, 5, 6, 7, 8, 10}
+    lines = [_markdown(header, rows, right), "",
              f"model size {human_bytes(t.size_bytes)} ({t.params:,} params); {t.nodes} compute nodes"]
-    if profile is not None:
-        lines.append(f"target: {profile.name}")
     if t.uncounted:
         lines.append(f"uncounted (no cost rule, 0 FLOPs assumed): {', '.join(t.uncounted)}")
+    if cost is not None:
+        lines += _cost_footer(cost)
     return "\n".join(lines)
+
+
+def _cost_footer(cost: ModelCost) -> list[str]:
+    lines = [
+        f"target {cost.profile} at batch {cost.batch}: predicted {cost.total_s * 1e3:.4g} ms "
+        f"(compute-bound {cost.compute_bound_s * 1e3:.4g} ms, memory-bound {cost.memory_bound_s * 1e3:.4g} ms); "
+        f"weights {human_bytes(cost.weight_bytes)}, peak activations {human_bytes(cost.peak_activation_bytes)}",
+    ]
+    if cost.memory_reason:
+        lines.append(f"does not fit: {cost.memory_reason}")
+    lines += [f"✗ {c.reason}" for c in cost.unsupported]
+    return lines
 
 
 def passes_table() -> str:
