@@ -97,6 +97,9 @@ _ALIASES: dict[str, str] = {
     "flatten.using_ints": "flatten", "getitem": "getitem", "clamp_min": "clamp", "clamp_max": "clamp",
     "amax": "max", "amin": "min", "maximum": "max", "minimum": "min",
     "GuardsFn": "guard",  # torch.export's input-shape guard module: checks, computes nothing
+    # quantize/dequantize as torch.export records a FakeQuant: an edge runtimes fuse away
+    "quantize_per_tensor": "quantize", "dequantize_per_tensor": "quantize",
+    "quantize_per_channel": "quantize", "dequantize_per_channel": "quantize",
 }
 
 _COMPUTE_KINDS = {"conv", "conv_transpose", "linear", "matmul", "bilinear"}
@@ -119,6 +122,7 @@ _VIEWS = {
     "flatten", "unflatten", "view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "t",
     "expand", "expand_as", "dropout", "identity", "getitem", "chunk", "split", "unbind", "narrow",
     "select", "slice", "alias", "size", "dim", "getattr", "type_as", "to", "guard",
+    "quantize",  # a FakeQuant edge: runtimes fuse it into its producer (requantize) and consumers
 }
 _DATA_MOVES = {"cat", "contiguous", "repeat", "pad", "constant_pad_nd", "embedding", "gather", "roll",
                "interpolate", "upsample_nearest2d", "pixel_shuffle", "copy"}
@@ -155,6 +159,9 @@ def canonical_op(node: fx.Node, gm: fx.GraphModule) -> str:
     """
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
+        own = getattr(mod, "effopt_kind", None)  # effopt's quantized modules say what they compute
+        if isinstance(own, str):
+            return own
         for cls, kind in _MODULE_OPS:
             if isinstance(mod, cls):
                 return kind
@@ -262,33 +269,64 @@ def _flops(kind: str, c: _Call) -> int | None:
     return None
 
 
-def _facts_for(kind: str, label: str, c: _Call) -> NodeFacts:
+@dataclass(frozen=True)
+class _Storage:
+    """How the values around one node are stored: None = as computed (float), else an int dtype name."""
+
+    inputs: tuple[str | None, ...]
+    output: str | None
+
+
+def _spec(t: torch.Tensor, stored: str | None) -> TensorSpec:
+    spec = TensorSpec.of(t)
+    return TensorSpec(spec.shape, stored) if stored is not None and t.dtype.is_floating_point else spec
+
+
+def _facts_for(kind: str, label: str, c: _Call, storage: _Storage) -> NodeFacts:
     flops = _flops(kind, c)
     params = sum(w.numel() for w in c.weights if isinstance(w, nn.Parameter))
+    inputs = tuple(_spec(t, s) for t, s in zip(c.activations, storage.inputs))
+    outputs = tuple(_spec(t, storage.output) for t in c.outputs)
     if kind in _VIEWS:
         read = written = 0
     else:
-        read = sum(t.nbytes for t in c.activations) + sum(w.nbytes for w in c.weights)
-        written = sum(t.nbytes for t in c.outputs)
+        read = sum(i.nbytes for i in inputs) + _weight_bytes(c)
+        written = sum(o.nbytes for o in outputs)
         if kind == "embedding":  # reads only the gathered rows, not the whole table
-            read = sum(t.nbytes for t in c.activations) + written
+            read = sum(i.nbytes for i in inputs) + written
     return NodeFacts(
         op_kind=kind,
         op=label,
-        inputs=tuple(TensorSpec.of(t) for t in c.activations),
-        outputs=tuple(TensorSpec.of(t) for t in c.outputs),
+        inputs=inputs,
+        outputs=outputs,
         params=params,
         macs=_macs(kind, c) if flops is not None else 0,
         flops=flops or 0,
         bytes_read=read,
         bytes_written=written,
         counted=flops is not None,
-        compute_dtype=_compute_dtype(c),
+        compute_dtype=_compute_dtype(c, storage),
     )
 
 
-def _compute_dtype(c: _Call) -> str:
-    """Weights decide where there are any (a quantized layer has int8 weights); else the output dtype."""
+def _weight_bytes(c: _Call) -> int:
+    """Weight bytes a call reads; a quantized layer's weight counts at its bit width."""
+    total = sum(w.nbytes for w in c.weights)
+    quant = getattr(c.module, "weight_quant", None) if c.module is not None else None
+    if quant is not None and getattr(quant, "calibrated", False):
+        w = c.module.weight  # type: ignore[union-attr]
+        total += -w.nbytes + math.ceil(w.numel() * quant.scheme.bits / 8)
+    return total
+
+
+def _compute_dtype(c: _Call, storage: _Storage) -> str:
+    """A quantized module says so; an op on integer-stored inputs producing integers is int8;
+    else the weights' dtype where there are any, else the output's."""
+    declared = getattr(c.module, "compute_dtype", None) if c.module is not None else None
+    if isinstance(declared, str):
+        return declared
+    if storage.output is not None and storage.inputs and all(s is not None for s in storage.inputs):
+        return "int8"
     floats = [w for w in c.weights if w.dtype.is_floating_point or w.dtype in (torch.int8, torch.uint8)]
     source = floats[0] if floats else (c.outputs[0] if c.outputs else None)
     return profile_dtype(str(source.dtype).removeprefix("torch.")) if source is not None else "fp32"
@@ -309,6 +347,10 @@ class _Annotator(fx.Interpreter):
 
     failed_at: fx.Node | None = None
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.stored = integer_storage(gm)
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -323,12 +365,58 @@ class _Annotator(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
         from_attr = {id(self.env[a]) for a in n.all_input_nodes if a.op == "get_attr" and a in self.env}
+        producer = {id(self.env[a]): a for a in n.all_input_nodes if a in self.env}
         flat_args = _tensors((args, kwargs))
         activations = tuple(t for t in flat_args if id(t) not in from_attr)
         weights = _module_weights(module) if module is not None else tuple(t for t in flat_args if id(t) in from_attr)
         call = _Call(n, module, activations, weights, _tensors(result), tuple(args), dict(kwargs))
         kind = canonical_op(n, self.module)
-        return _facts_for(kind, op_label(n, self.module), call)
+        storage = _Storage(
+            tuple(self.stored.get(producer[id(t)]) if id(t) in producer else None for t in activations),
+            self.stored.get(n),
+        )
+        return _facts_for(kind, op_label(n, self.module), call, storage)
+
+
+_FUSED_ACTIVATIONS = {"relu", "relu6", "hardtanh", "clamp"}
+_PASS_THROUGH = (_VIEWS - {"quantize"}) | {"max_pool", "adaptive_max_pool"}
+
+
+def integer_storage(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Which values a quantized graph stores as integers, and as which dtype.
+
+    A FakeQuant output is stored in its scheme's container (uint8/int8); a
+    pass-through op (max pool, flatten, view, ...) of a stored value stays
+    stored; and an op whose result goes only into FakeQuants (directly, or via
+    one fused ReLU-like activation) writes integers, since runtimes fuse the
+    requantization into it. A float graph has no stored values.
+    """
+    stored: dict[fx.Node, str] = {}
+
+    def fq_storage(n: fx.Node) -> str | None:
+        if n.op != "call_module":
+            return None
+        return getattr(getattr(gm.get_submodule(str(n.target)), "scheme", None), "storage", None)
+
+    for n in gm.graph.nodes:
+        own = fq_storage(n)
+        if own is not None:
+            stored[n] = own
+            continue
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        kind = canonical_op(n, gm)
+        first = n.all_input_nodes[0] if n.all_input_nodes else None
+        if kind in _PASS_THROUGH and first is not None and first in stored:
+            stored[n] = stored[first]
+            continue
+        users = list(n.users)
+        if users and all(fq_storage(u) for u in users):
+            stored[n] = fq_storage(users[0])  # type: ignore[assignment]
+        elif (len(users) == 1 and users[0].op != "output" and canonical_op(users[0], gm) in _FUSED_ACTIVATIONS
+              and users[0].users and all(fq_storage(u) for u in users[0].users)):
+            stored[n] = fq_storage(next(iter(users[0].users)))  # type: ignore[assignment]
+    return stored
 
 
 def annotate(ir: IR) -> IR:
@@ -368,13 +456,24 @@ def _unique_tensors(gm: nn.Module) -> Iterator[torch.Tensor]:
             yield t
 
 
+def model_size_bytes(gm: nn.Module) -> int:
+    """Bytes of every unique parameter and buffer, quantized weights at their bit width."""
+    size = sum(t.nbytes for t in _unique_tensors(gm))
+    for m in gm.modules():
+        quant = getattr(m, "weight_quant", None)
+        if quant is not None and getattr(quant, "calibrated", False):
+            w = m.weight
+            size += -w.nbytes + math.ceil(w.numel() * quant.scheme.bits / 8)
+    return size
+
+
 def totals(ir: IR) -> CostTotals:
     """Whole-model totals of an annotated IR. Shared weights count once in params and size."""
     nodes = [n for n in ir.compute_nodes() if has_facts(n)]
     fs = [facts(n) for n in nodes]
     return CostTotals(
         params=sum(p.numel() for p in {id(p): p for p in ir.gm.parameters()}.values()),
-        size_bytes=sum(t.nbytes for t in _unique_tensors(ir.gm)),
+        size_bytes=model_size_bytes(ir.gm),
         macs=sum(f.macs for f in fs),
         flops=sum(f.flops for f in fs),
         bytes_moved=sum(f.bytes_moved for f in fs),

@@ -11,12 +11,14 @@ import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from effopt.errors import EmitError, RecipeError
+from effopt.errors import EmitError, PassError, RecipeError
 from effopt.hardware_profiles import HardwareProfile, load_profile
 from effopt.optimizer.analysis import annotate, totals
+from effopt.optimizer.c_header import write_c_header
 from effopt.optimizer.cost_model import ModelCost, estimate
 from effopt.optimizer.data import DataSource, load_source
 from effopt.optimizer.emit import atomic_dir, export_program, save_pt2, sha256
@@ -24,11 +26,13 @@ from effopt.optimizer.emit_onnx import compare_onnx, export_onnx
 from effopt.optimizer.evaluate import Task, evaluate, onnx_callable
 from effopt.optimizer.finetune import SERVICE_KEY as FINETUNE_SERVICE
 from effopt.optimizer.finetune import FineTuner
+from effopt.optimizer.integer_lowering import IntegerExecutor, IntegerProgram, lower_to_integer, reference_integer_model
 from effopt.optimizer.ir import IR, InputSpec
 from effopt.optimizer.model_loading import load_model
 from effopt.optimizer.pass_base import PassContext
 from effopt.optimizer.pass_manager import PassRecord, run_passes
 from effopt.optimizer.planner import make_plan
+from effopt.optimizer.quantization import FakeQuant, freeze_weights
 from effopt.optimizer.report import ArtefactInfo, GoalCheck, PlanLine, Prediction, Report, StageEvaluation
 from effopt.optimizer.trace import trace_module
 from effopt.optimizer.verify import OutputAgreement, compare, random_batches, verify
@@ -217,6 +221,11 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
         model, ir.gm, specs, r.verify.rtol, r.verify.atol, r.verify.samples, r.verify.batch, r.seed, eval_data
     )
     prediction = _predict(cost_before, ir, profile)
+    integer = None
+    if profile.integer_only and prediction.runnable_after:
+        integer = lower_for_integer_target(ir, profile, model, eval_data, task, r.seed)
+        if integer.evaluation is not None:
+            evaluations.append(integer.evaluation)
     report = Report(
         recipe=loaded.label,
         model=type(model).__name__,
@@ -232,13 +241,13 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
         evaluations=tuple(evaluations),
         prediction=prediction,
         plan=plan,
-        goals=_goal_checks(r, prediction, evaluations),
+        goals=_goal_checks(r, prediction, evaluations) + ((integer.goal,) if integer is not None else ()),
     )
     out = None
     if emit:
         out = Path(output_dir) if output_dir is not None else loaded.resolve(r.output.dir)
         try:
-            report = _emit(out, report, ir, r)
+            report = _emit(out, report, ir, r, integer.program if integer is not None else None)
         except EmitError as e:
             if not r.model.leaf_modules:
                 raise
@@ -296,28 +305,109 @@ def _context(
     return PassContext(profile=profile, seed=r.seed, calibration=calibration, services=services)
 
 
-def _emit(out: Path, report: Report, ir: IR, recipe: Recipe) -> Report:
-    """Write the artefacts named in ``output.formats`` and the report, all or nothing."""
+def artefact_atol(gm: torch.fx.GraphModule, atol: float) -> float:
+    """Absolute tolerance for runtime artefacts: integer kernels requantize with their own rounding,
+    so a quantized output may differ by up to two steps of its output quantizer."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    steps = [gm.get_submodule(str(a.target)).frozen_scale for a in out.all_input_nodes
+             if a.op == "call_module" and isinstance(gm.get_submodule(str(a.target)), FakeQuant)]
+    return max([atol, 1e-5] + [2 * s for s in steps])
+
+
+@dataclass(frozen=True)
+class IntegerLowering:
+    """An int-only target's integer program, whether it checks out, and its accuracy."""
+
+    program: IntegerProgram | None
+    goal: GoalCheck
+    evaluation: StageEvaluation | None
+
+
+def lower_for_integer_target(
+    ir: IR, profile: HardwareProfile, original: nn.Module, eval_data: DataSource | None, task: Task | None, seed: int
+) -> IntegerLowering:
+    """Lower the quantized graph to integers, check the NumPy executor against the torch integer
+    reference bit for bit on random inputs, and score the executor on the eval data."""
+    try:
+        program = lower_to_integer(ir.gm, ir.example_inputs, accumulator_bits=profile.accumulator_bits)
+    except PassError as e:
+        return IntegerLowering(None, GoalCheck("integer_program", 1.0, 0.0, False, str(e)), None)
+    executor, reference = IntegerExecutor(program), reference_integer_model(program)
+    mismatches = 0
+    for batch in random_batches(ir.inputs, 2, 8, seed + 3):
+        codes = program.quantize_inputs(*batch)
+        ours = executor.run(*codes)
+        with torch.no_grad():
+            theirs = reference(*(torch.from_numpy(c) for c in codes))
+        theirs = theirs if isinstance(theirs, (tuple, list)) else (theirs,)
+        mismatches += sum(int((a != np.asarray(b)).sum()) for a, b in zip(ours, theirs))
+    goal = GoalCheck(
+        "integer_program", 1.0, 1.0 if mismatches == 0 else 0.0, mismatches == 0,
+        f"{len(program.ops)} integer ops; NumPy executor == torch integer reference on random inputs"
+        if mismatches == 0 else f"NumPy executor differs from the torch integer reference in {mismatches} outputs",
+    )
+    evaluation = None
+    if eval_data is not None and task is not None:
+
+        def run_float(*xs: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(executor.run_float(*xs)[0]))
+
+        evaluation = StageEvaluation("integer program (NumPy executor)", evaluate(run_float, eval_data, task, reference=original))
+    return IntegerLowering(program, goal, evaluation)
+
+
+def _emit(out: Path, report: Report, ir: IR, recipe: Recipe, program: IntegerProgram | None = None) -> Report:
+    """Write the artefacts named in ``output.formats`` (and an int-only target's C header) and the report, all or nothing."""
     artefacts: list[ArtefactInfo] = []
     check_batches = random_batches(ir.inputs, 2, recipe.verify.batch, recipe.seed + 2)
+    model = freeze_weights(copy.deepcopy(ir.gm)).eval()  # quantized layers store int8 weights in artefacts
+    atol = artefact_atol(model, recipe.verify.atol)
     with atomic_dir(out) as tmp:
         if "pt2" in recipe.output.formats:
-            path = save_pt2(export_program(ir.gm, ir.inputs, ir.example_inputs), tmp / "model.pt2")
+            path = save_pt2(export_program(model, ir.inputs, ir.example_inputs), tmp / "model.pt2")
             reloaded = torch.export.load(str(path)).module()
             checks = compare(ir.gm, reloaded, check_batches, "pt2 reload", recipe.verify.rtol, recipe.verify.atol)
-            artefacts.append(_info(path, "torch.export.load + outputs vs optimized model", checks))
+            artefacts.append(replace(_info(path, "torch.export.load + outputs vs optimized model", checks), note=_pt2_note(model)))
         if "onnx" in recipe.output.formats:
-            path = export_onnx(ir.gm, ir.example_inputs, [s.name for s in ir.inputs], [s.dynamic_batch for s in ir.inputs], tmp / "model.onnx")
-            agreement = compare_onnx(path, ir.gm, check_batches, recipe.verify.rtol, max(recipe.verify.atol, 1e-5))
+            path = export_onnx(model, ir.example_inputs, [s.name for s in ir.inputs], [s.dynamic_batch for s in ir.inputs], tmp / "model.onnx")
+            agreement = compare_onnx(path, ir.gm, check_batches, recipe.verify.rtol, atol)
             artefacts.append(
                 ArtefactInfo("model.onnx", path.stat().st_size, sha256(path),
                              "onnx.checker + onnxruntime outputs vs optimized model",
-                             agreement.max_abs_err, agreement.passed)
+                             agreement.max_abs_err, agreement.passed, _onnx_note(path, model))
             )
+        if program is not None:
+            header = tmp / "model.h"
+            header.write_text(write_c_header(program, "effopt_model"))
+            artefacts.append(ArtefactInfo(
+                "model.h", header.stat().st_size, sha256(header), "integer program checked bit-exact (see goals)",
+                None, True, f"int8 weights, int32 biases, fixed-point multipliers and shifts for {len(program.ops)} ops",
+            ))
         report = replace(report, artefacts=tuple(artefacts))
         (tmp / "report.json").write_text(report.to_json())
         (tmp / "report.md").write_text(report.to_markdown())
     return report
+
+
+def _quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, FakeQuant) for m in model.modules())
+
+
+def _pt2_note(model: nn.Module) -> str:
+    if not _quantized(model):
+        return ""
+    return ("int8 weights with quantize/dequantize reference ops (torch.ops.quantized_decomposed): exact "
+            "quantized semantics, but eager PyTorch runs them in float, slower than the float model; "
+            "use model.onnx for int8 speed")
+
+
+def _onnx_note(path: Path, model: nn.Module) -> str:
+    """For a quantized model: what onnxruntime actually built from the QDQ graph (int8 kernels vs float)."""
+    if not _quantized(model):
+        return ""
+    from effopt.optimizer.onnx_quant import ort_fusion_report
+
+    return f"QDQ graph; onnxruntime's optimized graph: {ort_fusion_report(path).summary()}"
 
 
 def _info(path: Path, check: str, checks: list[OutputAgreement]) -> ArtefactInfo:

@@ -149,10 +149,11 @@ class ModelCost:
 
 
 ERASED_KINDS: frozenset[str] = frozenset(
-    {"dropout", "identity", "getitem", "getattr", "size", "dim", "alias", "guard"}
+    {"dropout", "identity", "getitem", "getattr", "size", "dim", "alias", "guard", "quantize"}
 )
 """Op kinds that no inference runtime executes: eval-mode dropout and identity are dropped by
-every exporter, tuple indexing and shape queries are bookkeeping. They cost 0 s."""
+every exporter, tuple indexing and shape queries are bookkeeping, and a quantizer edge is fused
+into the int8 kernels on either side of it (QLinearConv requantizes its own output). They cost 0 s."""
 
 
 def is_view(f: NodeFacts) -> bool:

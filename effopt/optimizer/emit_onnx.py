@@ -104,8 +104,12 @@ def export_onnx(
     dynamic_batch: Sequence[bool],
     path: Path,
     opset: int | None = None,
+    optimize_qdq: bool = True,
 ) -> Path:
     """Export ``module`` to a checked ONNX file at ``path`` and return ``path``.
+
+    A quantized module's Q/DQ graph is then optimized for onnxruntime's int8 kernels
+    (`effopt.optimizer.onnx_quant.optimize_qdq_model`) unless ``optimize_qdq`` is False.
 
     The module is exported in eval mode (BatchNorm uses running statistics, dropout is off)
     and its train/eval flags are restored afterwards. Dynamic-batch inputs share one batch
@@ -125,7 +129,10 @@ def export_onnx(
     where = f"model {type(module).__name__!r}"
     model = _torch_to_onnx(module, args, input_names, dynamic_shapes, opset, optimize=True)
     _check_dynamic_batch(model, input_names, dynamic_batch, where)
-    model = _strip_debug_info(_clean_graph(model, where))
+    model = _clean_graph(model, where)
+    if optimize_qdq and _has_qdq(model):
+        model = _optimize_qdq(model, where)
+    model = _strip_debug_info(model)
     data = _serialize(model, where)
     _check_model(data, where=f"{where} -> {path}")
     return _write_atomic(data, path)
@@ -356,6 +363,21 @@ def _root_cause(error: BaseException) -> BaseException:
         error = error.__cause__
         seen.append(error)
     return error
+
+
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def _optimize_qdq(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """int8 weights in the file (not float + QuantizeLinear), int32 biases, int8 global pools (see onnx_quant)."""
+    from effopt.optimizer.onnx_quant import optimize_qdq_model
+
+    try:
+        with quiet_third_party():
+            return optimize_qdq_model(model)
+    except Exception as e:  # graphsurgeon raises OnnxGraphSurgeonException and plain errors
+        raise EmitError(f"{where}: optimizing the quantized ONNX graph failed: {_first_line(str(e))}; {_PT2_HINT}") from e
 
 
 def _first_line(text: str, limit: int = 300) -> str:

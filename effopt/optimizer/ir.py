@@ -216,6 +216,13 @@ class IR:
             raise IRError(f"node '{node.name}' is a {node.op}, not a call_module")
         return self.gm.get_submodule(str(node.target))
 
+    def set_submodule(self, target: str, module: torch.nn.Module) -> IR:
+        """Put ``module`` at the dotted path ``target`` (replacing what is there)."""
+        parent_name, _, attr = target.rpartition(".")
+        parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
+        setattr(parent, attr, module)
+        return self
+
     def users_of_module(self, target: str) -> list[fx.Node]:
         """Every node that calls the submodule at ``target`` (more than one means it is shared)."""
         return [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target]

@@ -60,6 +60,7 @@ class PassResult:
     changed: tuple[str, ...] = ()
     skipped: tuple[Skip, ...] = ()
     stats: Mapping[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # things the user should know, shown in the report
     delta: CostDelta | None = None
 
     @property

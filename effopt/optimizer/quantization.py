@@ -157,6 +157,8 @@ class FakeQuant(nn.Module):
     that torch.export / ONNX see real quantize/dequantize nodes.
     """
 
+    effopt_kind = "quantize"
+
     def __init__(self, scheme: QScheme, channels: int = 1, learnable: bool = False) -> None:
         super().__init__()
         self.scheme = scheme
@@ -171,6 +173,7 @@ class FakeQuant(nn.Module):
                              else torch.tensor(0, dtype=torch.int32))
         self.observer: object | None = None  # set by calibration, removed after
         self.calibrated = False
+        self.enabled = True  # False: pass values through (mixed precision keeps a layer in float)
         # Python numbers of a per-tensor scale/zero point: torch.export must see them as
         # constants (reading a buffer with float() would be data-dependent).
         self.frozen_scale = 1.0
@@ -203,11 +206,20 @@ class FakeQuant(nn.Module):
         kind = f"per-channel(axis={s.axis})" if s.axis is not None else "per-tensor"
         return f"{s.bits}-bit {'signed' if s.signed else 'unsigned'} {'symmetric' if s.symmetric else 'asymmetric'} {kind}"
 
+    def make_learnable(self) -> FakeQuant:
+        """LSQ: the scale becomes a trained parameter (the zero point stays fixed)."""
+        if not isinstance(self.scale, nn.Parameter):
+            value = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(value)
+            self.learnable = True
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.update(x.detach())  # type: ignore[attr-defined]
             return x
-        if not self.calibrated:
+        if not (self.calibrated and self.enabled):
             return x
         if self.training:
             return fake_quantize(x, self.scale, self.zero_point, self.scheme)
@@ -224,50 +236,93 @@ class FakeQuant(nn.Module):
 class QuantConv(nn.Module):
     """A Conv1d/2d/3d whose weight is fake-quantized per output channel (float weight kept for QAT)."""
 
-    def __init__(self, conv: nn.modules.conv._ConvNd, weight_scheme: QScheme = WEIGHT_SCHEME) -> None:
+    effopt_kind = "conv"
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, weight_scheme: QScheme = WEIGHT_SCHEME, compute_dtype: str = "int8") -> None:
         super().__init__()
         self.conv = conv
         self.weight_quant = FakeQuant(weight_scheme, conv.out_channels)
-        self.compute_dtype = "int8"
+        self.compute_dtype = compute_dtype  # "int8"; "fp32" when only the weights are quantized
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.conv.weight
+        return _stored_weight(self, "conv")
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv._conv_forward(x, self.weight_quant(self.conv.weight), self.conv.bias)
+        return self.conv._conv_forward(x, _layer_weight(self, "conv"), self.conv.bias)
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight is fake-quantized per output feature."""
 
-    def __init__(self, linear: nn.Linear, weight_scheme: QScheme = WEIGHT_SCHEME) -> None:
+    effopt_kind = "linear"
+
+    def __init__(self, linear: nn.Linear, weight_scheme: QScheme = WEIGHT_SCHEME, compute_dtype: str = "int8") -> None:
         super().__init__()
         self.linear = linear
         self.weight_quant = FakeQuant(weight_scheme, linear.out_features)
-        self.compute_dtype = "int8"
+        self.compute_dtype = compute_dtype
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.linear.weight
+        return _stored_weight(self, "linear")
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.linear.weight), self.linear.bias)
+        return F.linear(x, _layer_weight(self, "linear"), self.linear.bias)
+
+
+def _layer_weight(layer: nn.Module, inner: str) -> torch.Tensor:
+    """The weight a quantized layer computes with: fake-quantized float, or dequantized int codes once frozen."""
+    codes = getattr(layer, "weight_codes", None)
+    if codes is None:
+        return layer.weight_quant(getattr(layer, inner).weight)
+    s = layer.weight_quant.scheme
+    scale, zero = layer.weight_quant.scale.detach().float(), layer.weight_quant.zero_point.to(torch.int64)
+    if s.axis is None:
+        return _QD.dequantize_per_tensor(codes, layer.weight_quant.frozen_scale, layer.weight_quant.frozen_zero,
+                                         s.qmin, s.qmax, s.torch_dtype)
+    return _QD.dequantize_per_channel(codes, scale, zero, s.axis, s.qmin, s.qmax, s.torch_dtype)
+
+
+def _stored_weight(layer: nn.Module, inner: str) -> torch.Tensor:
+    codes = getattr(layer, "weight_codes", None)
+    return getattr(layer, inner).weight if codes is None else _layer_weight(layer, inner)
+
+
+def freeze_weights(gm: nn.Module) -> nn.Module:
+    """Replace every quantized layer's float weight by its integer codes (in place; returns ``gm``).
+
+    For artefacts: the exported program and ONNX then store int8 weights (a
+    DequantizeLinear of an int8 initializer) instead of float weights that are
+    quantized at run time. The layer computes exactly what it did before.
+    """
+    for m in gm.modules():
+        if isinstance(m, (QuantConv, QuantLinear)) and getattr(m, "weight_codes", None) is None and m.weight_quant.calibrated:
+            inner = m.conv if isinstance(m, QuantConv) else m.linear
+            fq = m.weight_quant
+            codes = quantize_values(inner.weight.detach(), fq.scale.detach(), fq.zero_point, fq.scheme)
+            del inner._parameters["weight"]
+            m.register_buffer("weight_codes", codes)
+    return gm
 
 
 def calibrate_weight(module: QuantConv | QuantLinear) -> None:
     """Per-channel symmetric range of the float weight (min/max over every dim but the channel axis)."""
     w = module.weight.detach()
-    flat = w.reshape(w.shape[0], -1)
-    scale, zero = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, module.weight_quant.scheme)
+    scheme = module.weight_quant.scheme
+    if scheme.axis is None:
+        scale, zero = qparams_from_range(w.min(), w.max(), scheme)
+    else:
+        flat = w.reshape(w.shape[0], -1)
+        scale, zero = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, scheme)
     module.weight_quant.set_qparams(scale, zero)
 
 

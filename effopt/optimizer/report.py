@@ -29,6 +29,7 @@ class ArtefactInfo:
     check: str  # what was checked, e.g. "onnx.checker + onnxruntime vs torch"
     max_abs_err: float | None = None
     passed: bool = True
+    note: str = ""  # what runs inside, e.g. whether int8 kernels or quantize/dequantize reference ops
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class Report:
                     "changed": list(r.result.changed),
                     "skipped": [asdict(s) for s in r.result.skipped],
                     "stats": dict(r.result.stats),
+                    "warnings": list(r.result.warnings),
                     "delta": asdict(r.result.delta) if r.result.delta else None,
                     "max_abs_err_vs_original": self.pass_errors[i] if i < len(self.pass_errors) else None,
                 }
@@ -228,6 +230,10 @@ class Report:
             for art in self.artefacts:
                 err = f"{art.max_abs_err:.3g}" if art.max_abs_err is not None else "–"
                 lines.append(f"| {art.file} | {art.size_bytes:,} | {art.check} | {err} | {'yes' if art.passed else 'NO'} |")
+            lines += [f"- `{art.file}`: {art.note}" for art in self.artefacts if art.note]
+        pass_warnings = [(r.name, w) for r in self.passes for w in r.result.warnings]
+        if pass_warnings:
+            lines += ["", "## Pass notes", ""] + [f"- `{name}`: {w}" for name, w in pass_warnings]
         if a.uncounted:
             lines += ["", f"Uncounted ops (no cost rule, 0 FLOPs assumed): {', '.join(a.uncounted)}"]
         if self.warnings:

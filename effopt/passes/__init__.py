@@ -10,10 +10,12 @@ from effopt.errors import PassError
 from effopt.optimizer.pass_base import Pass
 from effopt.passes.eliminate_dead_code import EliminateDeadCode
 from effopt.passes.fold_batchnorm import FoldBatchNorm
+from effopt.passes.quantize import Quantize
 
 REGISTRY: tuple[type[Pass], ...] = (
     FoldBatchNorm,
     EliminateDeadCode,
+    Quantize,
 )
 
 

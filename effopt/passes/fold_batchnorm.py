@@ -117,15 +117,9 @@ class FoldBatchNorm(Pass):
         fused = copy.deepcopy(layer)
         fused.weight = nn.Parameter(w)
         fused.bias = nn.Parameter(b)
-        _set_submodule(ir.gm, str(producer.target), fused)
+        ir.set_submodule(str(producer.target), fused)
         nodes_before = len(ir.gm.graph.nodes)
         bn_node.replace_all_uses_with(producer)
         ir.gm.graph.erase_node(bn_node)
         if len(ir.gm.graph.nodes) != nodes_before - 1:
             raise AssertionError(f"fold_batchnorm: erasing '{bn_node.name}' did not remove exactly one node")
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, attr = target.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)

@@ -7,6 +7,7 @@ line of the offending key, never shown as a traceback.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class LoadedRecipe:
 
     def resolve(self, rel: str) -> Path:
         p = Path(rel).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
 
 
 def format_loc(loc: tuple[Any, ...]) -> str:

@@ -1,0 +1,486 @@
+"""Quantize the model: int8 (or 4-bit) weights and activations, calibrated or trained (QAT).
+
+Modes:
+- ``static``: weights per output channel (symmetric int8) and activations per
+  tensor (asymmetric uint8), scales calibrated on ``data.calibration``. The
+  rewrite follows the quantized-graph contract of `effopt.optimizer.quantization`:
+  conv/linear become `QuantConv`/`QuantLinear`, a `FakeQuant` goes on every
+  integer-stored edge, conv+relu and add+relu share one output quantizer, and
+  pass-through ops (max pool, flatten, ...) keep their input's quantizer.
+- ``dynamic``: weights int8; activations of Linear layers are quantized at run
+  time from each batch's own range (for Linear/matmul-heavy models).
+- ``weight_only``: int8/int4 weights, float compute (smaller, not faster).
+
+``qat:`` fine-tunes the fake-quantized model through the fine-tuning service
+with distillation from the float model (rounding has a straight-through
+gradient; ``learnable_scales`` trains the scales, LSQ). ``mixed_precision``
+measures each layer's sensitivity (only that layer quantized) and keeps the
+most sensitive ones in float until the output error is within budget,
+preferring layers the cost model says are cheap to keep in float.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+from pydantic import Field, model_validator
+from torch import nn
+
+from effopt.errors import PassError
+from effopt.optimizer.analysis import canonical_op
+from effopt.optimizer.finetune_config import FineTuneConfig
+from effopt.optimizer.ir import IR, facts, has_facts
+from effopt.optimizer.onnx_quant import FUSED_ACTIVATIONS as ORT_FUSED_ACTIVATIONS
+from effopt.optimizer.onnx_quant import PASS_THROUGH_KINDS as ORT_PASS_THROUGH_KINDS
+from effopt.optimizer.pass_base import Pass, PassContext, PassOptions, PassResult, Skip
+from effopt.optimizer.quantization import (
+    FakeQuant,
+    QScheme,
+    QuantConv,
+    QuantLinear,
+    quantize_values,
+    worst_case_accumulator_bits,
+)
+
+# What the rewrite does with each canonical op kind (see effopt.optimizer.analysis.canonical_op);
+# measured on onnxruntime's int8 kernels, see effopt.optimizer.onnx_quant.
+WEIGHTED_KINDS = frozenset({"conv", "linear"})
+INT8_KINDS = frozenset({"add", "cat", "avg_pool", "adaptive_avg_pool", "mean", "matmul", "mul"})
+FUSED_ACTIVATIONS = frozenset(ORT_FUSED_ACTIVATIONS)
+PASS_THROUGH_KINDS = ORT_PASS_THROUGH_KINDS | {"adaptive_max_pool", "contiguous", "unflatten"}
+TIED_KINDS = frozenset({"getitem", "interpolate"})  # need their own FakeQuant, with the input's parameters
+
+
+class QatOptions(FineTuneConfig):
+    """Quantization-aware training: a fine-tuning run on the fake-quantized model (see `FineTuneConfig`)."""
+
+    learnable_scales: bool = Field(False, description="train the quantizer scales too (LSQ)")
+    freeze_batchnorm: bool = Field(True, description="keep any BatchNorm statistics fixed while training")
+    lr: float = Field(1e-4, gt=0, description="learning rate (QAT starts from a trained model: keep it small)")
+
+
+class QuantizeOptions(PassOptions):
+    """Options of the quantize pass."""
+
+    mode: Literal["static", "dynamic", "weight_only"] = Field("static", description="what is quantized, see the pass docs")
+    bits: Literal[8, 4, 2] = Field(8, description="weight bits (4 and 2 are stored in int8 containers)")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else one per tensor)")
+    observer: Literal["minmax", "moving_average", "percentile", "mse"] = Field(
+        "minmax", description="how activation ranges are chosen from calibration data"
+    )
+    weight_observer: Literal["minmax", "mse"] = Field("minmax", description="how weight ranges are chosen")
+    calibration_batches: int = Field(16, ge=1, description="calibration batches to observe at most")
+    keep_float: tuple[str, ...] = Field((), description="node names or module paths to leave in float")
+    mixed_precision: bool = Field(False, description="keep the most sensitive layers in float (static mode)")
+    max_output_error: float = Field(
+        0.01, gt=0, description="mixed precision budget: relative output error ||y_q − y||² / ||y||² on calibration data"
+    )
+    qat: QatOptions | None = Field(None, description="quantization-aware training after calibration (needs data.train)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizeOptions:
+        if self.mode != "static" and (self.qat is not None or self.mixed_precision):
+            raise ValueError(f"qat and mixed_precision need mode: static (got mode: {self.mode})")
+        return self
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    node: str
+    sensitivity: float     # relative output error with only this layer quantized
+    float_cost_s: float    # predicted extra latency of keeping it in float on the target
+    precision: str         # what it got: the pass's bits, "8-bit" (promoted from 4/2) or "float"
+
+
+def weight_scheme(options: QuantizeOptions) -> QScheme:
+    return QScheme(bits=options.bits, signed=True, symmetric=True, axis=0 if options.per_channel else None)
+
+
+ACTIVATION = QScheme(bits=8, signed=False, symmetric=False, axis=None)
+
+
+class Quantize(Pass):
+    name: ClassVar[str] = "quantize"
+    summary: ClassVar[str] = "Int8/int4 quantization: calibrated static, dynamic or weight-only; optional QAT and mixed precision."
+    Options = QuantizeOptions
+    after: ClassVar[tuple[str, ...]] = ("fold_batchnorm",)
+    lossy: ClassVar[bool] = True
+
+    options: QuantizeOptions
+
+    def target_support(self, profile: object) -> str | None:
+        if self.options.mode == "weight_only":
+            return None
+        if not profile.supports("int8"):  # type: ignore[attr-defined]
+            return f"{profile.name} has no int8 compute; use mode: weight_only"  # type: ignore[attr-defined]
+        return None
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        o = self.options
+        float_model = copy.deepcopy(ir.gm) if (o.qat or o.mixed_precision) else None
+        rewrite = _Rewrite(ir, o)
+        rewrite.apply()
+        warnings: list[str] = []
+        stats: dict[str, float] = {"quantized_layers": float(len(rewrite.layers))}
+        if o.mode == "static":
+            batches = _calibration_batches(ctx, o.calibration_batches)
+            _calibrate_activations(ir.gm, rewrite.activation_quants, batches, o.observer)
+            for fq, source in rewrite.tied:
+                fq.set_qparams(source.scale.detach(), source.zero_point)
+            stats["fake_quant_nodes"] = float(len(rewrite.activation_quants))
+        for layer in rewrite.layers:
+            _calibrate_weight(layer, o.weight_observer)
+        if o.mode == "static":
+            warnings += _accumulator_warnings(ir, rewrite, ctx)
+        if o.mixed_precision:
+            assert float_model is not None
+            sens = _mixed_precision(ir, rewrite, float_model, ctx, o)
+            stats["promoted_by_sensitivity"] = float(sum(s.precision != f"{o.bits}-bit" for s in sens))
+            warnings += [
+                f"mixed precision: '{s.node}' sensitivity {s.sensitivity:.3g} (float would cost "
+                f"{s.float_cost_s * 1e6:.2f} µs more) → {s.precision}"
+                for s in sens
+            ]
+        if o.qat is not None:
+            assert float_model is not None
+            stats.update(_qat(ir, rewrite, float_model, ctx, o.qat))
+        ir.gm.eval()
+        return PassResult(ir, tuple(rewrite.changed), tuple(rewrite.skipped), stats, tuple(warnings))
+
+
+# -- the graph rewrite -----------------------------------------------------------------------------
+
+
+class _Rewrite:
+    """Turns a float graph into one that follows the quantized-graph contract (guard, then edit)."""
+
+    def __init__(self, ir: IR, options: QuantizeOptions) -> None:
+        self.ir = ir
+        self.o = options
+        self.gm = ir.gm
+        self.graph = ir.gm.graph
+        self.quantized: dict[fx.Node, fx.Node] = {}  # value → the node holding its quantized version
+        self.activation_quants: list[FakeQuant] = []
+        self.layers: list[QuantConv | QuantLinear] = []
+        self.layer_nodes: list[fx.Node] = []
+        self.groups: dict[str, list[FakeQuant]] = {}  # layer node → the quantizers that make it integer
+        self.changed: list[str] = []
+        self.skipped: list[Skip] = []
+        self.tied: list[tuple[FakeQuant, FakeQuant]] = []  # (quantizer, the one whose parameters it copies)
+
+    def kind(self, n: fx.Node) -> str:
+        return canonical_op(n, self.gm)
+
+    def _kept_float(self, n: fx.Node) -> bool:
+        return n.name in self.o.keep_float or (n.op == "call_module" and str(n.target) in self.o.keep_float)
+
+    def apply(self) -> None:
+        for n in list(self.graph.nodes):
+            if n.op not in ("call_module", "call_function", "call_method"):
+                continue
+            kind = self.kind(n)
+            if self._kept_float(n):
+                self.skipped.append(Skip(n.name, "listed in keep_float"))
+                continue
+            if kind in WEIGHTED_KINDS:
+                self._weighted(n, kind)
+            elif kind in INT8_KINDS and self.o.mode == "static":
+                self._int8_op(n, kind)
+            elif kind in PASS_THROUGH_KINDS:
+                first = n.all_input_nodes[0] if n.all_input_nodes else None
+                if first is not None and first in self.quantized and self.quantized[first] is first:
+                    self.quantized[n] = n
+            elif kind in TIED_KINDS and self.o.mode == "static":
+                self._tied(n)
+        self.ir.lint().recompile()
+
+    # guards -----------------------------------------------------------------------------------
+    def _weighted_module(self, n: fx.Node) -> nn.Module | None:
+        if n.op != "call_module":
+            self.skipped.append(Skip(n.name, "functional conv/linear: only nn.Conv*/nn.Linear modules are quantized"))
+            return None
+        mod = self.ir.module_of(n)
+        if isinstance(mod, (QuantConv, QuantLinear)):
+            self.skipped.append(Skip(n.name, "already quantized"))
+            return None
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd) or not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            self.skipped.append(Skip(n.name, f"{type(mod).__name__} has no int8 rewrite"))
+            return None
+        if len(self.ir.users_of_module(str(n.target))) > 1:
+            self.skipped.append(Skip(n.name, f"module '{n.target}' is shared by several call sites"))
+            return None
+        return mod
+
+    # edits --------------------------------------------------------------------------------------
+    def _weighted(self, n: fx.Node, kind: str) -> None:
+        mod = self._weighted_module(n)
+        if mod is None:
+            return
+        compute = "int8" if self.o.mode == "static" else "fp32"
+        scheme = weight_scheme(self.o)
+        q = QuantConv(mod, scheme, compute) if kind == "conv" else QuantLinear(mod, scheme, compute)  # type: ignore[arg-type]
+        if self.o.mode == "dynamic":
+            q = DynamicInput(q) if kind == "linear" else q  # type: ignore[assignment]
+        self.ir.set_submodule(str(n.target), q)
+        layer = q.inner if isinstance(q, DynamicInput) else q
+        self.layers.append(layer)  # type: ignore[arg-type]
+        self.layer_nodes.append(n)
+        self.groups[n.name] = [layer.weight_quant]  # type: ignore[union-attr]
+        if self.o.mode == "static":
+            self._quantize_inputs(n)
+            self._quantize_output(n)
+        self.changed.append(n.name)
+
+    def _int8_op(self, n: fx.Node, kind: str) -> None:
+        tensor_inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        flat_args = [a for a in _flatten(n.args) if not isinstance(a, (int, float, bool, str, type(None), torch.dtype))]
+        if len(tensor_inputs) != len(flat_args) or not tensor_inputs:
+            return  # an operand is a constant or attribute: stays float, nothing to report
+        if kind == "mean" and not all(isinstance(d, int) for d in _flatten(n.args[1:])):
+            return
+        self.groups[n.name] = []
+        self._quantize_inputs(n)
+        self._quantize_output(n)
+        self.changed.append(n.name)
+
+    def _tied(self, n: fx.Node) -> None:
+        """split/chunk outputs and interpolate keep their input's scale, but onnxruntime needs a Q/DQ after them."""
+        source = n.all_input_nodes[0] if n.all_input_nodes else None
+        if source is not None and self.kind(source) in ("chunk", "split", "unbind"):
+            source = source.all_input_nodes[0] if source.all_input_nodes else None
+        if source is None or source not in self.quantized or self.quantized[source] is not source:
+            return
+        users = list(n.users)
+        q = self._quantizer_after(n)
+        for u in users:
+            u.replace_input_with(n, q)
+        self.tied.append((self._fake_quant_of(q), self._fake_quant_of(source)))
+
+    def _quantizer_after(self, value: fx.Node) -> fx.Node:
+        """The FakeQuant node after ``value`` (made once per value; every quantized user shares it)."""
+        if value in self.quantized:
+            return self.quantized[value]
+        fq = FakeQuant(ACTIVATION)
+        name = self.ir.fresh_name(f"{value.name}_quant".replace(".", "_"))
+        self.gm.add_submodule(name, fq)
+        with self.graph.inserting_after(value):
+            node = self.graph.call_module(name, (value,))
+        self.activation_quants.append(fq)
+        self.quantized[value] = node
+        self.quantized[node] = node
+        return node
+
+    def _fake_quant_of(self, node: fx.Node) -> FakeQuant:
+        """The FakeQuant that quantized ``node``'s value (walking back through pass-through ops)."""
+        while not (node.op == "call_module" and isinstance(self.gm.get_submodule(str(node.target)), FakeQuant)):
+            node = node.all_input_nodes[0]
+        return self.gm.get_submodule(str(node.target))  # type: ignore[return-value]
+
+    def _quantize_inputs(self, n: fx.Node) -> None:
+        for a in list(n.all_input_nodes):
+            if a.op == "get_attr":
+                continue
+            q = self._quantizer_after(a)
+            if q is not a:
+                n.replace_input_with(a, q)
+            self.groups[n.name].append(self._fake_quant_of(q))
+
+    def _quantize_output(self, n: fx.Node) -> None:
+        users = list(n.users)
+        tail = n
+        if len(users) == 1 and users[0].op != "output" and self.kind(users[0]) in FUSED_ACTIVATIONS:
+            tail = users[0]
+        old_users = list(tail.users)
+        q = self._quantizer_after(tail)
+        for u in old_users:
+            u.replace_input_with(tail, q)
+        self.groups[n.name].append(self._fake_quant_of(q))
+
+
+class DynamicInput(nn.Module):
+    """Dynamic quantization of a Linear's input: the range of each batch gives its scale, at run time."""
+
+    effopt_kind = "linear"
+
+    def __init__(self, inner: QuantLinear) -> None:
+        super().__init__()
+        self.inner = inner
+        self.compute_dtype = "int8"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    @property
+    def weight_quant(self) -> FakeQuant:
+        return self.inner.weight_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from effopt.optimizer.quantization import fake_quantize, qparams_from_range
+
+        scale, zero = qparams_from_range(x.detach().min(), x.detach().max(), ACTIVATION)
+        return self.inner(fake_quantize(x, scale, zero, ACTIVATION))
+
+
+# -- calibration --------------------------------------------------------------------------------
+
+
+def _calibration_batches(ctx: PassContext, limit: int) -> list[tuple[torch.Tensor, ...]]:
+    source = ctx.calibration
+    if source is None:
+        raise PassError(
+            "quantize (mode: static) needs calibration data to choose activation ranges: add data.calibration "
+            "(or data.train / data.eval) to the recipe, or use mode: weight_only"
+        )
+    out = []
+    for i, batch in enumerate(source.batches()):
+        if i >= limit:
+            break
+        out.append(tuple(batch.inputs))
+    return out
+
+
+def _calibrate_activations(gm: fx.GraphModule, quants: list[FakeQuant], batches: list[tuple[torch.Tensor, ...]], kind: str) -> None:
+    from effopt.optimizer.observers import make_observer
+
+    for fq in quants:
+        fq.observer = make_observer(kind)  # type: ignore[arg-type]
+    try:
+        with torch.no_grad():
+            gm.eval()
+            for inputs in batches:
+                gm(*inputs)
+    finally:
+        observers = [fq.observer for fq in quants]
+        for fq in quants:
+            fq.observer = None
+    for fq, obs in zip(quants, observers):
+        fq.set_qparams(*obs.qparams(fq.scheme))  # type: ignore[union-attr]
+
+
+def _calibrate_weight(layer: QuantConv | QuantLinear, kind: str) -> None:
+    from effopt.optimizer.observers import make_observer
+
+    fq = layer.weight_quant
+    w = layer.weight.detach()
+    obs = make_observer(kind, axis=fq.scheme.axis)  # type: ignore[arg-type]
+    obs.update(w)
+    fq.set_qparams(*obs.qparams(fq.scheme))
+
+
+def _accumulator_warnings(ir: IR, rw: _Rewrite, ctx: PassContext) -> list[str]:
+    width = getattr(ctx.profile, "accumulator_bits", 32) if ctx.profile is not None else 32
+    out = []
+    for node, layer in zip(rw.layer_nodes, rw.layers):
+        fq = layer.weight_quant
+        codes = quantize_values(layer.weight.detach(), fq.scale.detach(), fq.zero_point, fq.scheme)
+        bits = worst_case_accumulator_bits(codes, ACTIVATION)
+        if bits > width:
+            out.append(
+                f"layer '{node.name}': worst-case accumulator needs {bits} bits but the target accumulates in "
+                f"{width}: it may overflow on adversarial inputs (split the layer or use fewer weight bits)"
+            )
+    return out
+
+
+# -- mixed precision -------------------------------------------------------------------------
+
+
+def _relative_error(gm: nn.Module, reference: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for inputs in batches:
+            y, r = gm(*inputs), reference(*inputs)
+            num += float(((y - r) ** 2).sum())
+            den += float((r**2).sum())
+    return num / den if den else 0.0
+
+
+def _set_enabled(quants: Iterable[FakeQuant], enabled: bool) -> None:
+    for fq in quants:
+        fq.enabled = enabled
+
+
+def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassContext, o: QuantizeOptions) -> list[LayerSensitivity]:
+    batches = _calibration_batches(ctx, min(o.calibration_batches, 4))
+    gm = ir.gm.eval()
+    every = [fq for g in rw.groups.values() for fq in g]
+    _set_enabled(every, False)
+    sens: dict[str, float] = {}
+    for node in rw.layer_nodes:
+        _set_enabled(rw.groups[node.name], True)
+        sens[node.name] = _relative_error(gm, float_model, batches)
+        _set_enabled(rw.groups[node.name], False)
+    _set_enabled(every, True)
+    cost = _float_cost(ir, rw, ctx)
+    order = sorted(rw.layer_nodes, key=lambda n: (-sens[n.name], cost.get(n.name, 0.0), n.name))
+    promoted: dict[str, str] = {}
+    error = _relative_error(gm, float_model, batches)
+    for node in order:
+        if error <= o.max_output_error:
+            break
+        layer = next(m for n, m in zip(rw.layer_nodes, rw.layers) if n is node)
+        promoted[node.name] = _promote(layer, rw.groups[node.name], o)
+        error = _relative_error(gm, float_model, batches)
+    return [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"))
+            for n in rw.layer_nodes]
+
+
+def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions) -> str:
+    """Give a sensitive layer the next higher precision the ladder has: 8-bit weights after 4/2-bit, else float."""
+    if o.bits < 8:
+        eight = QScheme(bits=8, signed=True, symmetric=True, axis=layer.weight_quant.scheme.axis)
+        layer.weight_quant = FakeQuant(eight, layer.weight.shape[0])
+        _calibrate_weight(layer, o.weight_observer)
+        return "8-bit"
+    _set_enabled(group, False)
+    layer.compute_dtype = "fp32"  # the cost model must see that it computes in float now
+    return "float"
+
+
+def _float_cost(ir: IR, rw: _Rewrite, ctx: PassContext) -> dict[str, float]:
+    """Predicted extra seconds of running each layer in fp32 instead of int8 on the target."""
+    if ctx.profile is None or not all(has_facts(n) for n in rw.layer_nodes):
+        return {}
+    from effopt.optimizer.cost_model import node_cost
+
+    out = {}
+    for n in rw.layer_nodes:
+        f = facts(n)
+        out[n.name] = node_cost(f, n.name, ctx.profile, "fp32").time_s - node_cost(f, n.name, ctx.profile, "int8").time_s
+    return out
+
+
+# -- QAT ----------------------------------------------------------------------------------------
+
+
+def _qat(ir: IR, rw: _Rewrite, teacher: nn.Module, ctx: PassContext, qat: QatOptions) -> dict[str, float]:
+    tuner = ctx.services.get("finetune")
+    if tuner is None:
+        raise PassError("quantize qat: needs training data for the fine-tuning service: add data.train to the recipe")
+    if qat.learnable_scales:
+        for fq in rw.activation_quants:
+            fq.make_learnable()
+        for layer in rw.layers:
+            layer.weight_quant.make_learnable()
+    config = FineTuneConfig(**qat.model_dump(exclude={"learnable_scales"}))
+    result = tuner.run(ir.gm, teacher.eval(), config)  # type: ignore[attr-defined]
+    for fq in [*rw.activation_quants, *(layer.weight_quant for layer in rw.layers)]:
+        fq.sync()
+    stats = {"qat_steps": float(result.steps), "qat_seconds": float(result.seconds)}
+    if result.initial_headline is not None and result.best_headline is not None:
+        stats |= {"qat_initial_headline": result.initial_headline, "qat_best_headline": result.best_headline}
+    return stats
+
+
+def _flatten(args: object) -> list[object]:
+    if isinstance(args, (list, tuple)):
+        return [x for a in args for x in _flatten(a)]
+    return [args]
+
+
