@@ -15,9 +15,9 @@ float                          onnxruntime effopt's ``export_onnx`` (dynamic bat
 torch FX int8 (x86)            eager       ``prepare_fx``/``convert_fx``, ``get_default_qconfig_mapping("x86")``
 ORT quantize_static int8       onnxruntime ``quant_pre_process`` then ``quantize_static``: QDQ,
                                            per-channel s8 weights, u8 activations, MinMax
-effopt int8 PTQ                onnxruntime ``effopt.compile`` with ``[fold_batchnorm, quantize]``
-                               (+ pt2)     (skipped with a row saying so until the pass exists)
-effopt int8 QAT                onnxruntime the same with ``qat: {epochs: 2}``
+effopt int8 PTQ                onnxruntime ``effopt.compile`` with ``[fold_batchnorm, {quantize, mode: static}]``;
+                               + pt2       its model.pt2 is timed too (torch.export program, eager)
+effopt int8 QAT                onnxruntime the same with ``qat: {epochs: 2}`` (model.onnx only)
 =============================  ==========  =====================================================
 
 Every quantizer calibrates on the *same* batches (digits: the first 256 training images;
@@ -41,9 +41,18 @@ CIFAR: 256 fixed-seed N(0, 1) images). Then, per model, one table:
   onnxruntime fused the Q/DQ pairs into int8 kernels; what is left runs in float with
   (de)quantization around it.
 
-Targets from the issue, checked per model once the effopt pass exists: effopt int8 within
-0.5 points of float on digits; at batch 32 faster than the best of torch FX and ORT int8;
-size <= 0.3x float.
+When ``effopt.passes`` has no ``quantize`` pass, the effopt rows say "not available yet"
+(see `effopt_int8`, the one function to adjust if the pass's recipe interface changes).
+
+Targets from the issue, checked per model below its table: effopt int8 PTQ within 0.5
+points of float on digits; at batch 32 faster than the best of torch FX and ORT int8 (a
+gap under ``TIE_FRACTION`` is called a tie, as it is within the run-to-run spread); size
+<= 0.3x float.
+
+Reading the CIFAR quality columns: with random weights the input-dependent part of the
+logits is small next to quantization noise, so absolute agreement is pessimistic (for
+MobileNetV2 especially); the columns rank the tools on identical inputs, they do not
+predict accuracy on real CIFAR.
 
 Deprecation warnings from ``torch.ao.quantization`` (FX mode is deprecated in favour of
 torchao's PT2E flow) are expected and silenced; progress goes to stderr, tables to stdout.
@@ -505,6 +514,11 @@ def table(case: Case, variants: list[Variant], stats: dict[tuple[str, int], Late
     return "\n".join(lines)
 
 
+#: Latency ratios closer to 1 than this are called a tie in the target line: it is about the
+#: median p90/p50 spread of interleaved runs here, so a smaller gap is not a measured win.
+TIE_FRACTION = 0.10
+
+
 def _target_lines(case: Case, variants: list[Variant], stats: dict[tuple[str, int], LatencyStats]) -> list[str]:
     """The issue's targets for effopt int8 PTQ (onnxruntime artefact) on this model."""
     ours = next((v for v in variants if v.name == "effopt int8 PTQ" and v.runtime == "onnxruntime"), None)
@@ -515,9 +529,11 @@ def _target_lines(case: Case, variants: list[Variant], stats: dict[tuple[str, in
     mine = stats.get((ours.key, 32))
     mine_s = math.nan if mine is None else mine.p50_s
     size = (ours.size_bytes or math.nan) / (variants[0].size_bytes or math.nan)
+    tie = abs(best / mine_s - 1) < TIE_FRACTION if mine_s > 0 else False
     checks = [
         f"b32 {mine_s * 1e3:.3f} ms vs best other int8 {best * 1e3:.3f} ms "
-        f"({'met' if mine_s < best else 'missed'}, {_ratio(best, mine_s)})",
+        f"({f'tie, within ±{TIE_FRACTION:.0%}' if tie else 'met' if mine_s < best else 'missed'}: "
+        f"{_ratio(best, mine_s)})",
         f"size {size:.2f}× float ({'met' if size <= 0.3 else 'missed'}, target ≤ 0.30×)",
     ]
     if case.eval_labels is not None and "accuracy" in ours.quality:

@@ -1,0 +1,839 @@
+"""Run a quantized graph on PyTorch's own x86 int8 kernels, and save it as TorchScript.
+
+The ``model.pt2`` effopt emits for a quantized model holds
+``torch.ops.quantized_decomposed`` quantize/dequantize reference ops: exact quantized
+semantics, but eager PyTorch computes them in float (about 4x *slower* than the float
+model). This torch build also has real int8 kernels for x86 (the ``x86`` quantized engine,
+fbgemm with oneDNN behind it): ``torch.ao.nn.quantized`` conv/linear modules with packed
+int8 weights, ``quantized::add``/``add_relu``/``mul``/``cat``, and max pool, average pool,
+flatten and views that work on ``quint8`` tensors. `lower_to_torch_int8` rebuilds a graph
+that follows the quantized-graph contract (`effopt.optimizer.quantization`) from those
+kernels, with exactly effopt's calibrated parameters; `save_torchscript` writes it as a
+TorchScript archive that ``torch.jit.load`` runs without effopt or the user's code.
+
+Mapping (source graph → lowered graph; "FQ" is a `FakeQuant`, s/z its scale/zero point)::
+
+    input ─ FQ(s,z)                       torch.quantize_per_tensor(x, s, z, quint8)
+    QuantConv ─[relu]─ FQ(s,z)            nnq.Conv{1,2,3}d / nniq.ConvReLU{1,2,3}d, .scale=s, .zero_point=z
+    QuantConv ─ relu6|hardtanh ─ FQ       nnq.Conv*d then quantized hardtanh (clamps codes; same values)
+    QuantLinear ─[relu]─ FQ               nnq.Linear / nniq.LinearReLU (relu6/hardtanh as for conv)
+    add(FQ, FQ) ─[relu]─ FQ(s,z)          quantized::add / add_relu(a, b, s, z)
+    mul(FQ, FQ) ─[relu]─ FQ(s,z)          quantized::mul / mul_relu(a, b, s, z)
+    cat([FQ, ...]) ─ FQ(s,z)              quantized::cat(xs, dim, s, z)
+    avg/adaptive-avg pool, mean ─ FQ      the quantized kernel when s,z equal the input's; else
+                                          dequantize → float pool → quantize (see below)
+    max pool, flatten, view/reshape,      the same op on the quint8 tensor (keeps s, z)
+    permute, dropout, split/getitem, ...
+    FQ after a quint8 tensor              nothing if s,z are equal, else dequantize → quantize
+    graph output (quint8)                 .dequantize()
+
+Weights: effopt's integer codes (``quantize_values``, the same codes the Q/DQ pt2 and ONNX
+store) become a ``qint8`` tensor with the weight FakeQuant's per-channel (or per-tensor)
+scales and zero points (``torch._make_per_channel_quantized_tensor``); the bias stays float,
+as torch's quantized conv/linear expect (the kernel adds it at s_x·s_w).
+
+Why the average pools are special: torch's quantized avg pools keep the *input's* s, z and
+round the mean to an input code; requantizing that to a smaller output scale (a mean's range
+is narrower than its input's) would add up to 0.5·s_in of error, several output steps. The
+float detour rounds once, exactly like the fake-quant graph, and costs microseconds for a
+global pool (512·4·4 values in ResNet-18).
+
+Numerics: every int8 kernel requantizes with one rounding (round half to even), as the
+fake-quant graph does, so outputs agree up to rare one-code flips that propagate: DigitsNet
+and ResNet-18 (CIFAR) logits stay within two output steps of `FakeQuant` evaluation (see
+tests/optimizer/test_torch_int8.py). fbgemm adds the float bias in its requantization; on
+CPUs without VNNI (AVX2 only) its u8·s8 pair sums can saturate int16 when both activation
+and weight codes are near full range (PyTorch's own x86 qconfig avoids this with
+``reduce_range``); `lower_to_torch_int8` checks the lowered module against the fake-quant
+graph on the example inputs and returns `Unsupported` beyond ``max_output_steps``.
+
+What returns `Unsupported` (each reason names the node): float ops between quantized ops
+(e.g. a gelu between two quantized convs; torch has no int8 kernel for it), layers the
+quantize pass kept in float (mixed precision, weight-only or dynamic mode), activation
+quantizers that are not 8-bit unsigned per tensor (the x86 kernels take ``quint8`` with
+codes 0..255), asymmetric weights, convs with non-zero padding modes or string padding,
+transposed convs, a quantized result that reaches anything but its FakeQuant, and kernels
+that fail on the example inputs. Float ops before the first quantizer or after the last
+quantized op are fine: they run in float on dequantized values.
+
+Serialization (torch 2.13): ``torch.export`` fails on the packed-weight script objects
+(``Conv2dPackedParamsBase ... does not have a field with name '__obj_flatten__'``), so the
+artefact is TorchScript (``torch.jit.script`` of the lowered GraphModule, ``torch.jit.save``).
+Loading it needs only ``torch``; the packed weights are stored unpacked and repacked by the
+loading process's quantized engine (``x86`` by default on x86 CPUs). Saved bytes are
+byte-identical for the same model in a fresh process; within one process TorchScript mangles
+the class name of every further GraphModule it compiles (``___torch_mangle_N``), so a second
+compile of the same model in the same process differs only in that name. Both torch.jit and
+quantized tensors print deprecation warnings in torch 2.13 (pytorch/pytorch#184982): this path
+works today but is on its way out; the Q/DQ pt2 and ONNX paths are not.
+
+Example::
+
+    lowered = lower_to_torch_int8(ir.gm, ir.example_inputs)
+    if isinstance(lowered, Unsupported):
+        note = f"quantize/dequantize reference ops: {lowered}"
+    else:
+        save_torchscript(lowered, out / "model_int8.pt")        # torch.jit.load(...)(x) -> float logits
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from effopt.errors import EmitError
+from effopt.optimizer.analysis import canonical_op
+from effopt.optimizer.quantization import FakeQuant, QuantConv, QuantLinear, quantize_values
+
+__all__ = [
+    "TORCH_INT8_NOTE",
+    "Int8Agreement",
+    "Int8Summary",
+    "Unsupported",
+    "int8_agreement",
+    "int8_engine",
+    "int8_summary",
+    "lower_to_torch_int8",
+    "quantized_engine",
+    "save_torchscript",
+]
+
+#: What the report says about ``model_int8.pt`` when the lowering succeeds.
+TORCH_INT8_NOTE = "x86 int8 kernels (fbgemm) via TorchScript"
+
+#: Engines with the x86 int8 kernels, preferred first.
+X86_ENGINES: tuple[str, ...] = ("x86", "fbgemm")
+
+_FUSED = {"relu", "relu6", "hardtanh"}
+_PASS_THROUGH = {
+    "max_pool", "adaptive_max_pool", "flatten", "unflatten", "view", "reshape", "squeeze", "unsqueeze",
+    "permute", "transpose", "t", "contiguous", "dropout", "identity", "split", "chunk", "getitem",
+    "interpolate", "relu", "relu6", "hardtanh",
+}
+_AVERAGES = {"avg_pool", "adaptive_avg_pool", "mean"}
+_CONV = {1: (nnq.Conv1d, nniq.ConvReLU1d), 2: (nnq.Conv2d, nniq.ConvReLU2d), 3: (nnq.Conv3d, nniq.ConvReLU3d)}
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Why a graph cannot run on torch's int8 kernels; one reason per offending node.
+
+    Example: ``Unsupported(("node 'gelu' (gelu) computes in float between quantized ops: ...",))``.
+    ``str()`` joins the reasons for a report note.
+    """
+
+    reasons: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(self.reasons)
+
+
+@dataclass(frozen=True)
+class Int8Agreement:
+    """How the int8 module's outputs compare with the fake-quant graph's (first output).
+
+    ``output_step`` is the output FakeQuant's scale, so ``max_abs_err / output_step`` is the
+    error in output codes: 2.0 means two quantization steps. ``top1`` is the argmax agreement
+    for 2-D outputs with more than one column, else None.
+    """
+
+    max_abs_err: float
+    output_step: float | None
+    top1: float | None
+    samples: int
+
+    @property
+    def max_steps(self) -> float | None:
+        return None if not self.output_step else self.max_abs_err / self.output_step
+
+
+# -- the quantized engine --------------------------------------------------------------------------
+
+
+def int8_engine() -> str | None:
+    """The quantized engine with x86 int8 kernels in this torch build (``"x86"``, else ``"fbgemm"``), or None."""
+    supported = torch.backends.quantized.supported_engines
+    return next((e for e in X86_ENGINES if e in supported), None)
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str) -> Iterator[str]:
+    """Set ``torch.backends.quantized.engine`` to ``name`` for the block, then restore the caller's engine.
+
+    The engine decides how weights are packed when a quantized module is built (and when a
+    TorchScript archive is loaded), so the lowering builds its modules inside this.
+    """
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield name
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+@contextlib.contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    """torch 2.13 warns that quantized tensors and torch.jit are deprecated; library code does not print."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
+
+
+# -- values in the lowered graph -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Q:
+    """A ``quint8`` tensor of the lowered graph with its scale and zero point."""
+
+    node: fx.Node
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class _F:
+    """A float tensor; ``after_int8`` names the first float op upstream that read int8 values (None: before any)."""
+
+    node: fx.Node
+    after_int8: tuple[str, ...] = ()  # float ops since the last int8 values, e.g. ("gelu (gelu)",); () before any
+
+
+@dataclass(frozen=True)
+class _QTuple:
+    """The tuple a split/chunk of a quint8 tensor returns; each piece keeps the scale and zero point."""
+
+    node: fx.Node
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class _Other:
+    """A non-tensor value (a size, a tuple of tensors from split) or a constant attribute."""
+
+    node: fx.Node
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """A value whose producer is already reported as unsupported."""
+
+
+@dataclass
+class _Pending:
+    """An int8 op whose output scale/zero point come from the FakeQuant after it (contract rules 2-3).
+
+    ``build(scale, zero_point, act)`` emits the op into the lowered graph; ``act`` is the fused
+    activation between the op and its FakeQuant (``("relu", None)``, ``("hardtanh", (lo, hi))``).
+    """
+
+    node: fx.Node
+    kind: str
+    build: Callable[[float, int, tuple[str, tuple[float, float] | None] | None], fx.Node]
+    act: tuple[str, tuple[float, float] | None] | None = None
+    act_node: fx.Node | None = None
+
+
+_Value = Union[_Q, _QTuple, _F, _Other, _Bad, _Pending]
+
+
+def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
+    if len(n.args) > pos:
+        return n.args[pos]
+    return n.kwargs.get(name, default)
+
+
+class _TensorKinds(fx.Interpreter):
+    """Runs the source graph once and records which nodes produce a tensor."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.tensor: dict[fx.Node, bool] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.tensor[n] = isinstance(result, torch.Tensor)
+        return result
+
+
+# -- the lowering ----------------------------------------------------------------------------------
+
+
+class _Lowering:
+    """One walk over the source graph in order, building the int8 graph; problems are collected, not raised."""
+
+    def __init__(self, gm: fx.GraphModule, is_tensor: dict[fx.Node, bool], float_islands: bool) -> None:
+        self.src = gm
+        self.is_tensor = is_tensor
+        self.float_islands = float_islands
+        self.int8_kinds: list[str] = []   # what runs on int8 kernels, in graph order
+        self.float_ops: list[str] = []    # float ops between int8 ops (only with float_islands)
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.values: dict[fx.Node, _Value] = {}
+        self.dequantized: dict[fx.Node, fx.Node] = {}
+        self.materialized: set[fx.Node] = set()
+        self.problems: list[str] = []
+
+    # helpers ---------------------------------------------------------------------------------------
+    def kind(self, n: fx.Node) -> str:
+        return canonical_op(n, self.src)
+
+    def module(self, n: fx.Node) -> nn.Module | None:
+        return self.src.get_submodule(str(n.target)) if n.op == "call_module" else None
+
+    def problem(self, n: fx.Node, kind: str, what: str) -> _Bad:
+        self.problems.append(f"node '{n.name}' ({kind}) {what}")
+        return _Bad()
+
+    def add_module(self, target: str, module: nn.Module) -> str:
+        parent = self.root
+        *path, leaf = target.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+        return target
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        names = dict(self.root.named_modules())
+        while name in names or hasattr(self.root, name):
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def quantize(self, x: fx.Node, scale: float, zero_point: int) -> fx.Node:
+        return self.graph.call_function(torch.quantize_per_tensor, (x, scale, zero_point, torch.quint8))
+
+    def dequantize(self, src: fx.Node, q: _Q) -> fx.Node:
+        """One shared ``.dequantize()`` per quantized source value."""
+        if src not in self.dequantized:
+            self.dequantized[src] = self.graph.call_method("dequantize", (q.node,))
+        return self.dequantized[src]
+
+    def copy_node(self, n: fx.Node, arg: Callable[[fx.Node], fx.Node]) -> fx.Node:
+        """``n`` in the lowered graph, its node arguments mapped by ``arg``, its module or attribute copied."""
+        if n.op == "call_module" and str(n.target) not in dict(self.root.named_modules()):
+            self.add_module(str(n.target), copy.deepcopy(self.module(n)))
+        if n.op == "get_attr":
+            self._copy_attr(str(n.target))
+        return self.graph.node_copy(n, arg)
+
+    def _copy_attr(self, target: str) -> None:
+        *path, leaf = target.split(".")
+        owner = self.src.get_submodule(".".join(path)) if path else self.src
+        value = getattr(owner, leaf)
+        parent = self.root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        if isinstance(value, nn.Parameter):
+            parent.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
+        elif isinstance(value, torch.Tensor):
+            parent.register_buffer(leaf, value.detach().clone())
+        else:
+            setattr(parent, leaf, copy.deepcopy(value))
+
+    # the walk --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        for n in self.src.graph.nodes:
+            if n.op == "placeholder":
+                default = n.args[0] if n.args else inspect.Signature.empty
+                self.values[n] = _F(self.graph.placeholder(n.name, default_value=default))  # untyped: TorchScript
+                # cannot resolve the alias fx writes for a torch.Tensor annotation ("_torch_Tensor_")
+            elif n.op == "get_attr":
+                self.values[n] = _Other(self.copy_node(n, lambda a: a))
+            elif n.op == "output":
+                self.output(n)
+            else:
+                self.values[n] = self.compute(n)
+
+    def compute(self, n: fx.Node) -> _Value:
+        mod = self.module(n)
+        if isinstance(mod, FakeQuant):
+            return self.fake_quant(n, mod)
+        if isinstance(mod, (QuantConv, QuantLinear)):
+            return self.weighted(n, mod)
+        kind = self.kind(n)
+        inputs = [self.values[a] for a in n.all_input_nodes]
+        if any(isinstance(v, _Bad) for v in inputs):
+            return _Bad()
+        pending = next((v for v in inputs if isinstance(v, _Pending)), None)
+        if pending is not None:
+            if kind in _FUSED and len(inputs) == 1:
+                return self.fuse(n, kind, pending)
+            return self.problem(pending.node, pending.kind, f"result reaches '{n.name}' without a FakeQuant: torch's "
+                                "int8 kernels need exactly one FakeQuant after it (optionally after a fused relu)")
+        first = self.values.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if kind in ("split", "chunk") and isinstance(first, _Q):
+            return _QTuple(self._same_call(n), first.scale, first.zero_point)
+        if kind == "getitem" and isinstance(first, _QTuple):
+            return _Q(self._same_call(n), first.scale, first.zero_point)
+        if not self.is_tensor.get(n, False):
+            return _Other(self._same_call(n))  # sizes: x.size(0) works on a quint8 tensor too
+        if not any(isinstance(v, (_Q, _QTuple)) for v in inputs):
+            return self.float_op(n, kind, inputs)
+        if kind in ("add", "mul", "matmul"):
+            return self.binary(n, kind)
+        if kind == "cat":
+            return self.cat(n, kind)
+        if kind in _AVERAGES:
+            return self.average(n, kind)
+        if kind in _PASS_THROUGH and isinstance(first, _Q):
+            return _Q(self._same_call(n), first.scale, first.zero_point)
+        return self.float_op(n, kind, inputs)
+
+    def _same_call(self, n: fx.Node) -> fx.Node:
+        """The same call on the lowered values (quint8 tensors stay quint8)."""
+        return self.copy_node(n, lambda a: self.values[a].node)  # type: ignore[union-attr]
+
+    def float_op(self, n: fx.Node, kind: str, inputs: Sequence[_Value]) -> _Value:
+        """A float op: runs on dequantized values; fine before the first and after the last quantizer."""
+        region = tuple(dict.fromkeys(op for v in inputs if isinstance(v, _F) for op in v.after_int8))
+        if region or any(isinstance(v, _Q) for v in inputs):
+            region += (f"{n.name} ({kind})",)
+        if any(isinstance(v, _QTuple) for v in inputs):
+            return self.problem(n, kind, "reads the pieces of a split int8 tensor as one value: index them first")
+
+        def arg(a: fx.Node) -> fx.Node:
+            v = self.values[a]
+            return self.dequantize(a, v) if isinstance(v, _Q) else v.node  # type: ignore[union-attr]
+
+        return _F(self.copy_node(n, arg), region)
+
+    # FakeQuant: where int8 values get their scale and zero point ------------------------------------------
+    def fake_quant(self, n: fx.Node, fq: FakeQuant) -> _Value:
+        s = fq.scheme
+        if fq.observer is not None or not fq.calibrated:
+            return self.problem(n, "FakeQuant", "is not calibrated: run the quantize pass's calibration first")
+        if not fq.enabled:
+            return self.problem(n, "FakeQuant", "is disabled (its layer was kept in float, e.g. by mixed precision): "
+                                "torch's int8 kernels cannot compute it")
+        if s.axis is not None:
+            return self.problem(n, "FakeQuant", f"quantizes an activation per channel (axis={s.axis}): the x86 int8 "
+                                "kernels take one scale per tensor")
+        if s.signed or s.qmin != 0 or s.qmax != 255:
+            return self.problem(n, "FakeQuant", f"stores {s.bits}-bit {'signed' if s.signed else 'unsigned'} codes "
+                                f"[{s.qmin}, {s.qmax}]: the x86 int8 kernels take quint8 activations with codes [0, 255]")
+        scale, zero = float(fq.frozen_scale), int(fq.frozen_zero)
+        src = n.args[0]
+        v = self.values.get(src) if isinstance(src, fx.Node) else None
+        if isinstance(v, _Bad):  # already reported: go on as if it were int8, to find independent problems
+            return _Q(self.graph.call_function(torch.quantize_per_tensor, ()), scale, zero)
+        if isinstance(v, _F):
+            if v.after_int8 and not self.float_islands:
+                self.problem(n, "FakeQuant", f"requantizes a value computed in float from int8 values (float op "
+                             f"{', '.join(v.after_int8)}): torch has no int8 kernel for it, so it would run in float "
+                             "between quantized ops (float_islands=True runs it so)")
+            self.float_ops.extend(op for op in v.after_int8 if op not in self.float_ops)
+            return _Q(self.quantize(v.node, scale, zero), scale, zero)
+        if isinstance(v, _Pending):
+            if v.node in self.materialized:
+                return self.problem(v.node, v.kind, "result is requantized by more than one FakeQuant")
+            if v.act_node is not None and len(v.act_node.users) != 1:
+                return self.problem(v.act_node, self.kind(v.act_node), "is a fused activation with more than one "
+                                    "user: only its FakeQuant may read it")
+            self.materialized.add(v.node)
+            self.int8_kinds.append(v.kind)
+            return _Q(v.build(scale, zero, v.act), scale, zero)
+        if isinstance(v, _Q):
+            if (v.scale, v.zero_point) == (scale, zero):
+                return v  # a tied quantizer (split, interpolate): nothing to do
+            deq = self.graph.call_method("dequantize", (v.node,))
+            return _Q(self.quantize(deq, scale, zero), scale, zero)
+        return self.problem(n, "FakeQuant", f"quantizes '{getattr(src, 'name', src)}', which is not a tensor")
+
+    def fuse(self, n: fx.Node, kind: str, p: _Pending) -> _Value:
+        if p.act is not None or len(p.node.users) != 1:
+            return self.problem(p.node, p.kind, f"result reaches '{n.name}' ({kind}) with other users or after "
+                                "another activation: only one fused activation may sit before its FakeQuant")
+        bounds = self._bounds(n, kind)
+        if bounds is None:
+            return self.problem(n, kind, "has non-constant bounds")
+        act = ("relu", None) if kind == "relu" else ("hardtanh", bounds)
+        return _Pending(p.node, p.kind, p.build, act, n)
+
+    def _bounds(self, n: fx.Node, kind: str) -> tuple[float, float] | None:
+        mod = self.module(n)
+        if kind == "relu":
+            return 0.0, math.inf
+        if kind == "relu6":
+            return 0.0, 6.0
+        if mod is not None:
+            return float(mod.min_val), float(mod.max_val)  # type: ignore[arg-type]
+        lo, hi = _arg(n, 1, "min_val", -1.0), _arg(n, 2, "max_val", 1.0)
+        if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+            return None
+        return float(lo), float(hi)
+
+    def activation(self, out: fx.Node, act: tuple[str, tuple[float, float] | None] | None, relu_fused: bool) -> fx.Node:
+        """The activation the kernel did not fuse, on the int8 result: it clamps codes, so values are the same
+        as clamping first and quantizing after (relu: codes below the zero point; hardtanh: outside its bounds)."""
+        if act is None or (act[0] == "relu" and relu_fused):
+            return out
+        if act[0] == "relu":
+            return self.graph.call_function(torch.relu, (out,))
+        lo, hi = act[1]  # type: ignore[misc]
+        return self.graph.call_function(F.hardtanh, (out, lo, hi))
+
+    # conv / linear ---------------------------------------------------------------------------------------
+    def weighted(self, n: fx.Node, mod: QuantConv | QuantLinear) -> _Value:
+        kind = "conv" if isinstance(mod, QuantConv) else "linear"
+        wq = mod.weight_quant
+        if getattr(mod, "compute_dtype", "int8") != "int8" or not wq.enabled:
+            return self.problem(n, kind, f"computes in {getattr(mod, 'compute_dtype', 'float')} (kept in float or "
+                                "weight-only quantized): torch's int8 kernels cannot run it")
+        if wq.observer is not None or not wq.calibrated:
+            return self.problem(n, kind, "has an uncalibrated weight quantizer: run the quantize pass first")
+        x = self.values.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if isinstance(x, _Bad):
+            return x
+        if not isinstance(x, _Q):
+            return self.problem(n, kind, "reads a float value: its input needs a FakeQuant (quantized-graph contract, "
+                                "rule 2)")
+        weight = self._qweight(n, kind, mod)
+        if isinstance(weight, _Bad):
+            return weight
+        bias = mod.bias.detach().clone() if mod.bias is not None else None
+        if isinstance(mod, QuantConv):
+            build = self._conv(n, mod.conv, weight, bias, x)
+        else:
+            build = self._linear(n, mod.linear, weight, bias, x)
+        return build if isinstance(build, _Bad) else _Pending(n, kind, build)
+
+    def _qweight(self, n: fx.Node, kind: str, mod: QuantConv | QuantLinear) -> torch.Tensor | _Bad:
+        """effopt's weight codes as a qint8 tensor with the weight FakeQuant's scales."""
+        wq = mod.weight_quant
+        s = wq.scheme
+        codes = getattr(mod, "weight_codes", None)
+        if codes is None:
+            codes = quantize_values(mod.weight.detach(), wq.scale.detach(), wq.zero_point, s)
+        offset = 0 if s.signed else 2 ** (s.bits - 1)
+        codes = codes.to(torch.int32) - offset
+        zero = wq.zero_point.detach().to(torch.int64).reshape(-1) - offset
+        if bool((zero != 0).any()):
+            return self.problem(n, kind, "has asymmetric weights (zero point ≠ 0): quantize weights symmetrically")
+        if int(codes.min()) < -128 or int(codes.max()) > 127:
+            return self.problem(n, kind, f"has {s.bits}-bit weight codes outside int8")
+        codes = codes.to(torch.int8)
+        if s.axis is None:
+            return torch._make_per_tensor_quantized_tensor(codes, float(wq.frozen_scale), 0)
+        if s.axis != 0:
+            return self.problem(n, kind, f"quantizes its weight along axis {s.axis}: the kernels take axis 0")
+        scale = wq.scale.detach().double().reshape(-1)
+        return torch._make_per_channel_quantized_tensor(codes, scale, torch.zeros_like(zero), 0)
+
+    def _conv(self, n: fx.Node, conv: nn.modules.conv._ConvNd, weight: torch.Tensor, bias: torch.Tensor | None,
+              x: _Q) -> Callable[..., fx.Node] | _Bad:
+        nd = weight.dim() - 2
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd) or nd not in _CONV:
+            return self.problem(n, "conv", f"is a {type(conv).__name__}: no int8 kernel is lowered for it")
+        if conv.padding_mode != "zeros":
+            return self.problem(n, "conv", f"pads with mode '{conv.padding_mode}': the int8 convs pad with zeros only")
+        if isinstance(conv.padding, str):
+            return self.problem(n, "conv", f"has padding='{conv.padding}': give the padding as numbers")
+        plain, with_relu = _CONV[nd]
+        target = str(n.target)
+
+        def build(scale: float, zero: int, act: tuple[str, Any] | None) -> fx.Node:
+            cls = with_relu if act is not None and act[0] == "relu" else plain
+            q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, bias is not None)
+            q.set_weight_bias(weight, bias)
+            q.scale, q.zero_point = scale, zero
+            out = self.graph.call_module(self.add_module(self.fresh(target), q), (x.node,))
+            return self.activation(out, act, relu_fused=True)
+
+        return build
+
+    def _linear(self, n: fx.Node, linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None,
+                x: _Q) -> Callable[..., fx.Node]:
+        target = str(n.target)
+
+        def build(scale: float, zero: int, act: tuple[str, Any] | None) -> fx.Node:
+            if act is not None and act[0] == "relu":
+                q: nn.Module = nniq.LinearReLU(linear.in_features, linear.out_features, bias is not None)
+            else:
+                q = nnq.Linear(linear.in_features, linear.out_features, bias is not None)
+            q.set_weight_bias(weight, bias)  # type: ignore[operator]
+            q.scale, q.zero_point = scale, zero
+            out = self.graph.call_module(self.add_module(self.fresh(target), q), (x.node,))
+            return self.activation(out, act, relu_fused=True)
+
+        return build
+
+    # elementwise / cat / averages ---------------------------------------------------------------------------
+    def _operands(self, n: fx.Node, kind: str, args: Sequence[Any]) -> list[_Q] | _Value:
+        """The int8 operands of ``n``; else (an operand is a constant or float) ``n`` in float, or the problem."""
+        refs = []
+        for a in args:
+            v = self.values.get(a) if isinstance(a, fx.Node) else None
+            if not isinstance(v, _Q):
+                if self.float_islands:
+                    return self.float_op(n, kind, [self.values[x] for x in n.all_input_nodes])
+                what = f"a constant {a!r}" if not isinstance(a, fx.Node) else f"'{a.name}', a float value"
+                return self.problem(n, kind, f"mixes an int8 operand with {what}: torch's int8 {kind} takes "
+                                    "quantized tensors only; quantize all operands (or keep the op in float)")
+            refs.append(v)
+        return refs
+
+    def binary(self, n: fx.Node, kind: str) -> _Value:
+        if n.kwargs.get("alpha", 1) != 1:
+            return self.problem(n, kind, f"has alpha={n.kwargs['alpha']}: no int8 kernel")
+        refs = self._operands(n, kind, list(n.args[:2]) if len(n.args) >= 2 else [])
+        if not isinstance(refs, list):
+            return refs
+        a, b = refs
+        if kind == "matmul" and getattr(n.target, "__name__", str(n.target)) not in ("matmul", "bmm", "mm"):
+            return self.problem(n, kind, f"({getattr(n.target, '__name__', n.target)}) has no int8 kernel")
+        plain, fused = {
+            "add": (torch.ops.quantized.add, torch.ops.quantized.add_relu),
+            "mul": (torch.ops.quantized.mul, torch.ops.quantized.mul_relu),
+            "matmul": (torch.ops.quantized.matmul, None),
+        }[kind]
+
+        def build(scale: float, zero: int, act: tuple[str, Any] | None) -> fx.Node:
+            relu = act is not None and act[0] == "relu" and fused is not None
+            op = fused if relu else plain
+            out = self.graph.call_function(op, (a.node, b.node, scale, zero))
+            return self.activation(out, act, relu_fused=relu)
+
+        return _Pending(n, kind, build)
+
+    def cat(self, n: fx.Node, kind: str) -> _Value:
+        tensors = _arg(n, 0, "tensors", ())
+        if getattr(n.target, "__name__", "") == "stack" or not isinstance(tensors, (list, tuple)):
+            return self.problem(n, kind, "is a stack: only torch.cat has an int8 kernel")
+        refs = self._operands(n, kind, list(tensors))
+        if not isinstance(refs, list):
+            return refs
+        dim = _arg(n, 1, "dim", 0)
+        if isinstance(dim, fx.Node):
+            return self.problem(n, kind, "has a computed dim")
+
+        def build(scale: float, zero: int, act: tuple[str, Any] | None) -> fx.Node:
+            xs = [r.node for r in refs]
+            out = self.graph.call_function(torch.ops.quantized.cat, (xs, int(dim), scale, zero))
+            return self.activation(out, act, relu_fused=False)
+
+        return _Pending(n, kind, build)
+
+    def average(self, n: fx.Node, kind: str) -> _Value:
+        x = self.values.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if not isinstance(x, _Q) or any(isinstance(self.values[a], _Q) for a in n.all_input_nodes[1:]):
+            return self.problem(n, kind, "averages a value that is not one int8 tensor")
+        src = n
+
+        def build(scale: float, zero: int, act: tuple[str, Any] | None) -> fx.Node:
+            if (scale, zero) == (x.scale, x.zero_point) and kind != "mean":
+                return self.activation(self._same_call(src), act, relu_fused=False)
+            # exact: one rounding, as the fake-quant graph (see the module docstring)
+            out = self.copy_node(src, lambda a: self.dequantize(a, x) if a is src.args[0] else self.values[a].node)  # type: ignore[union-attr]
+            if act is not None:
+                lo, hi = act[1] if act[1] is not None else (0.0, math.inf)
+                out = self.graph.call_function(torch.clamp, (out, lo, None if math.isinf(hi) else hi))
+            return self.quantize(out, scale, zero)
+
+        return _Pending(n, kind, build)
+
+    # the graph output -------------------------------------------------------------------------------------
+    def output(self, n: fx.Node) -> None:
+        def arg(a: fx.Node) -> fx.Node:
+            v = self.values[a]
+            if isinstance(v, _Q):
+                return self.dequantize(a, v)
+            if isinstance(v, _Pending):
+                self.problem(v.node, v.kind, "result is a model output without a FakeQuant after it")
+                return a
+            return v.node if isinstance(v, (_F, _Other)) else a
+
+        leaves = [a for a in tree_leaves(n.args[0]) if isinstance(a, fx.Node)]
+        if any(isinstance(self.values[a], _Bad) for a in leaves):
+            return
+        self.graph.output(fx.node.map_arg(n.args[0], arg))
+
+
+
+@dataclass(frozen=True)
+class Int8Summary:
+    """What a lowered module runs where: ``int8`` op kinds in graph order, ``float_ops`` between them.
+
+    ``str()`` is the report note, e.g. ``"x86 int8 kernels (fbgemm) via TorchScript: conv 20, add 8,
+    linear 1 in int8"`` (plus ``"; float between int8 ops: mul (mul), softmax (softmax)"``).
+    """
+
+    int8: tuple[str, ...]
+    float_ops: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for k in self.int8:
+            counts[k] = counts.get(k, 0) + 1
+        text = f"{TORCH_INT8_NOTE}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " in int8"
+        if self.float_ops:
+            text += "; float between int8 ops: " + ", ".join(self.float_ops)
+        return text
+
+
+SUMMARY_KEY = "effopt_torch_int8"
+
+
+def int8_summary(lowered: fx.GraphModule) -> Int8Summary:
+    """The `Int8Summary` `lower_to_torch_int8` stored in the lowered module's ``meta``."""
+    summary = lowered.meta.get(SUMMARY_KEY)
+    if not isinstance(summary, Int8Summary):
+        raise EmitError("int8_summary: this module was not made by lower_to_torch_int8; lower the quantized graph first")
+    return summary
+
+
+def lower_to_torch_int8(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    engine: str | None = None,
+    max_output_steps: float = 8.0,
+    float_islands: bool = False,
+) -> fx.GraphModule | Unsupported:
+    """A GraphModule that runs ``gm`` (quantized-graph contract) on torch's x86 int8 kernels, or why not.
+
+    ``example_inputs`` are run through ``gm`` once to tell tensors from sizes, and through the
+    lowered module once as a check: a kernel that fails, or outputs more than
+    ``max_output_steps`` output quantization steps away from ``gm`` (eval mode), give
+    `Unsupported` rather than a wrong artefact. ``engine`` defaults to `int8_engine`; it is
+    set only while the modules are built and checked, then the caller's engine is restored.
+    ``float_islands=True`` runs float ops between quantized ops in float (dequantize → op →
+    quantize, what the Q/DQ pt2 does for every op) instead of giving up; `int8_summary` lists them.
+    ``gm`` is not changed (its train/eval mode is restored).
+
+    Example (DigitsNet after fold_batchnorm, eliminate_dead_code, quantize)::
+
+        lowered = lower_to_torch_int8(ir.gm, ir.example_inputs)
+        lowered(x)               # float logits, within 2 output steps of ir.gm.eval()(x)
+        str(int8_summary(lowered))
+        # 'x86 int8 kernels (fbgemm) via TorchScript: conv 3, adaptive_avg_pool 1, linear 2 in int8'
+    """
+    engine = engine or int8_engine()
+    if engine is None:
+        return Unsupported((f"this torch build has no x86 int8 engine (supported: "
+                            f"{torch.backends.quantized.supported_engines})",))
+    if not any(isinstance(m, FakeQuant) for m in gm.modules()):
+        return Unsupported(("the model has no quantized activations (no FakeQuant): nothing runs in int8",))
+    was_training = gm.training
+    gm.eval()
+    try:
+        with quantized_engine(engine), _quiet_deprecations(), torch.no_grad():
+            kinds = _TensorKinds(gm)
+            reference = kinds.run(*example_inputs)
+            lowering = _Lowering(gm, kinds.tensor, float_islands)
+            lowering.run()
+            if lowering.problems:
+                return Unsupported(tuple(lowering.problems))
+            if not lowering.int8_kinds:
+                return Unsupported(("no conv, linear, add, mul, matmul, cat or pool runs in int8: nothing to lower",))
+            lowering.graph.lint()
+            lowered = fx.GraphModule(lowering.root, lowering.graph, class_name="EffoptInt8Module").eval()
+            lowered.meta[SUMMARY_KEY] = Int8Summary(tuple(lowering.int8_kinds), tuple(lowering.float_ops))
+            failure = _check(lowered, example_inputs, reference, _output_step(gm), max_output_steps)
+    finally:
+        gm.train(was_training)
+    return Unsupported((failure,)) if failure else lowered
+
+
+def _check(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any, step: float | None,
+           max_steps: float) -> str | None:
+    """None if ``lowered`` runs and agrees with ``reference``; else what went wrong, naming the node."""
+    runner = _NodeNamingInterpreter(lowered)
+    try:
+        out = runner.run(*inputs)
+    except Exception as e:  # any kernel failure: the caller falls back to the Q/DQ artefact
+        where = f" at node '{runner.current.name}'" if runner.current is not None else ""
+        return f"the int8 module fails on the example inputs{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    ref = [t for t in tree_leaves(reference) if isinstance(t, torch.Tensor)]
+    got = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    err = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
+    if step is None:  # a float op after the last quantizer: one 8-bit step of the output's range
+        step = max((float(a.abs().max()) for a in ref if a.numel()), default=0.0) / 255 or None
+    bound = max_steps * step if step else 1e-6
+    if err > bound:
+        return (f"the int8 module's outputs differ from the fake-quant graph by {err:.4g} on the example inputs "
+                f"(> {max_steps:g} output steps of {step or 0:.4g}); the CPU's int8 kernels may saturate (no VNNI?)")
+    return None
+
+
+class _NodeNamingInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def _output_step(gm: fx.GraphModule) -> float | None:
+    """The largest scale of the FakeQuants that feed the graph output (one output code), or None."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    steps = [float(m.frozen_scale) for a in out.all_input_nodes if a.op == "call_module"
+             for m in [gm.get_submodule(str(a.target))] if isinstance(m, FakeQuant)]
+    return max(steps) if steps else None
+
+
+# -- serialization and agreement -------------------------------------------------------------------
+
+
+def save_torchscript(module: nn.Module, path: str | Path) -> Path:
+    """``torch.jit.script`` the lowered module and ``torch.jit.save`` it to ``path`` (``model_int8.pt``).
+
+    The archive needs only torch to run: ``torch.jit.load(path)(x)``. Scripting (not tracing)
+    keeps the batch size free. Raises `EmitError` if TorchScript rejects the module.
+    """
+    path = Path(path)
+    try:
+        with _quiet_deprecations():
+            scripted = torch.jit.script(module)
+            torch.jit.save(scripted, str(path))
+    except Exception as e:  # TorchScript raises many unrelated types
+        raise EmitError(f"{path.name}: TorchScript cannot save the int8 module: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; use model.pt2 instead") from e
+    return path
+
+
+def int8_agreement(reference: nn.Module, int8: Callable[..., Any], batches: Iterable[Sequence[torch.Tensor]]) -> Int8Agreement:
+    """Compare the first output of ``int8`` with the fake-quant ``reference`` (eval mode) over ``batches``."""
+    step = _output_step(reference) if isinstance(reference, fx.GraphModule) else None
+    was_training = reference.training
+    reference.eval()
+    err, agree, total = 0.0, 0, 0
+    try:
+        with torch.no_grad(), _quiet_deprecations():
+            for inputs in batches:
+                r = next(t for t in tree_leaves(reference(*inputs)) if isinstance(t, torch.Tensor))
+                o = next(t for t in tree_leaves(int8(*inputs)) if isinstance(t, torch.Tensor))
+                err = max(err, float((r.float() - o.float()).abs().max()))
+                if r.dim() == 2 and r.shape[1] > 1:
+                    agree += int((r.argmax(1) == o.argmax(1)).sum())
+                total += int(r.shape[0]) if r.dim() else 1
+    finally:
+        reference.train(was_training)
+    top1 = agree / total if total and r.dim() == 2 and r.shape[1] > 1 else None
+    return Int8Agreement(err, step, top1, total)
+
