@@ -157,6 +157,11 @@ def load_source(spec: DataSourceSpec, loaded: LoadedRecipe, inputs: Sequence[Inp
     if n == 0:
         raise DataError(f"{where}: the dataset is empty")
     if spec.subset is not None and spec.subset < n:
-        dataset = Subset(dataset, range(spec.subset))
+        if spec.seed is None:
+            indices = list(range(spec.subset))
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed))
+            indices = sorted(int(i) for i in order[: spec.subset])
+        dataset = Subset(dataset, indices)
     has_labels = _check(dataset[0], inputs, where)
     return DataSource(spec.source, dataset, spec.batch_size, has_labels)

@@ -111,8 +111,9 @@ class DataSourceSpec(_Strict):
     """A data source: 'module:callable' (Dataset/DataLoader), a .npz/.pt file, or 'sklearn-digits[:train|:test]'."""
 
     source: str = Field(description="'pkg.module:callable', 'file.npz', 'file.pt' or 'sklearn-digits:test'")
-    batch_size: int = Field(64, ge=1)
-    subset: int | None = Field(None, ge=1, description="use only the first N samples")
+    batch_size: int = Field(64, ge=1, description="samples per batch")
+    subset: int | None = Field(None, ge=1, description="use only N samples: the first N, or a random N when seed is set")
+    seed: int | None = Field(None, description="draw the subset at random with this seed (reproducible)")
 
     @model_validator(mode="before")
     @classmethod

@@ -127,3 +127,19 @@ def test_onnx_file_scores_like_the_module(tmp_path: Path, batch: int | str) -> N
 def test_onnx_missing_file(tmp_path: Path) -> None:
     with pytest.raises(EmitError, match="missing.onnx: ONNX file not found"):
         onnx_callable(tmp_path / "missing.onnx")
+
+
+def test_data_subset_is_the_first_n_or_a_seeded_random_n() -> None:
+    from effopt.optimizer.data import load_source
+    from effopt.optimizer.ir import InputSpec
+    from effopt.recipes import parse_recipe
+    from effopt.recipes.schema import DataSourceSpec
+
+    loaded = parse_recipe({"version": 1, "model": {"factory": "m:f"}, "inputs": [{"name": "x", "shape": [1, 1, 8, 8]}]})
+    specs = (InputSpec("x", (1, 1, 8, 8)),)
+    first = load_source(DataSourceSpec(source="sklearn-digits:test", subset=10), loaded, specs, "eval")
+    seeded = load_source(DataSourceSpec(source="sklearn-digits:test", subset=10, seed=3), loaded, specs, "eval")
+    again = load_source(DataSourceSpec(source="sklearn-digits:test", subset=10, seed=3), loaded, specs, "eval")
+    assert len(first) == len(seeded) == 10
+    assert list(first.dataset.indices) == list(range(10))
+    assert list(seeded.dataset.indices) == list(again.dataset.indices) != list(range(10))
