@@ -34,3 +34,27 @@ def test_quantized_resnet_compiles_to_int8_onnx(tmp_path: Path) -> None:
     proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)
     assert report["totals"]["after"]["size_bytes"] < 0.5 * report["totals"]["before"]["size_bytes"]
+
+
+def test_mixed_precision_uses_the_recipes_accuracy_budget_on_eval_data(tmp_path: Path) -> None:
+    import torch
+
+    from examples.digits import train
+
+    model, _ = train(epochs=4)
+    torch.save(model.state_dict(), tmp_path / "digits.pt")
+    recipe = {
+        "version": 1,
+        "model": {"factory": "examples.digits:DigitsNet", "weights": str(tmp_path / "digits.pt"),
+                  "pythonpath": [str(ROOT)]},
+        "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "range": [0, 1]}],
+        "passes": ["fold_batchnorm", {"name": "quantize", "bits": 2, "mixed_precision": True}],
+        "data": {"calibration": "sklearn-digits:train", "eval": "sklearn-digits:test"},
+        "max_accuracy_drop": 0.01,
+        "output": {"formats": []},
+    }
+    result = effopt.compile(recipe, output_dir=tmp_path / "out")
+    quant = result.report.passes[-1]
+    assert quant.result.stats["promoted_by_sensitivity"] >= 1  # 2-bit everywhere loses far more than 1 point
+    goal = next(g for g in result.report.goals if g.goal == "max_accuracy_drop")
+    assert goal.passed, goal.detail

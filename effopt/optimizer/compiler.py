@@ -195,7 +195,7 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     eval_data = _source(loaded, specs, "eval")
     _check_goal_inputs(loaded, eval_data)
     task = resolve_task(r.task, eval_data)
-    ctx = _context(loaded, specs, profile, eval_data, task)
+    ctx = _context(loaded, specs, profile, eval_data, task, model)
     cost_before = estimate(prepared.ir, profile)
 
     passes, plan = loaded.passes, ()
@@ -291,13 +291,17 @@ def evaluate_artefacts(
 
 
 def _context(
-    loaded: LoadedRecipe, specs: tuple[InputSpec, ...], profile: HardwareProfile, eval_data: DataSource | None, task: Task | None
+    loaded: LoadedRecipe, specs: tuple[InputSpec, ...], profile: HardwareProfile, eval_data: DataSource | None,
+    task: Task | None, original: nn.Module,
 ) -> PassContext:
     """What passes may use: the target, calibration data, and the fine-tuning service when there is training data."""
     r = loaded.recipe
     train = _source(loaded, specs, "train")
     calibration = _source(loaded, specs, "calibration") or train or eval_data
     services: dict[str, object] = {}
+    if eval_data is not None and task is not None and r.accuracy_budget is not None:
+        services["accuracy_budget"] = r.accuracy_budget
+        services["score"] = lambda m: evaluate(m, eval_data, task, reference=original).headline
     if train is not None:
         tune_eval = eval_data if (eval_data is not None and (eval_data.has_labels or task != "classification")) else None
         services[FINETUNE_SERVICE] = FineTuner(train, tune_eval, task or "generic", r.seed)

@@ -22,7 +22,7 @@ preferring layers the cost model says are cheap to keep in float.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -78,7 +78,8 @@ class QuantizeOptions(PassOptions):
     keep_float: tuple[str, ...] = Field((), description="node names or module paths to leave in float")
     mixed_precision: bool = Field(False, description="keep the most sensitive layers in float (static mode)")
     max_output_error: float = Field(
-        0.01, gt=0, description="mixed precision budget: relative output error ||y_q − y||² / ||y||² on calibration data"
+        0.01, gt=0, description="mixed precision budget when the recipe has no max_accuracy_drop with data.eval: "
+        "relative output error ||y_q − y||² / ||y||² on calibration data"
     )
     qat: QatOptions | None = Field(None, description="quantization-aware training after calibration (needs data.train)")
 
@@ -419,16 +420,27 @@ def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassCont
     _set_enabled(every, True)
     cost = _float_cost(ir, rw, ctx)
     order = sorted(rw.layer_nodes, key=lambda n: (-sens[n.name], cost.get(n.name, 0.0), n.name))
+    within_budget = _budget_check(gm, float_model, batches, ctx, o)
     promoted: dict[str, str] = {}
-    error = _relative_error(gm, float_model, batches)
     for node in order:
-        if error <= o.max_output_error:
+        if within_budget():
             break
         layer = next(m for n, m in zip(rw.layer_nodes, rw.layers) if n is node)
         promoted[node.name] = _promote(layer, rw.groups[node.name], o)
-        error = _relative_error(gm, float_model, batches)
     return [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"))
             for n in rw.layer_nodes]
+
+
+def _budget_check(
+    gm: nn.Module, float_model: nn.Module, batches: list[tuple[torch.Tensor, ...]], ctx: PassContext, o: QuantizeOptions
+) -> Callable[[], bool]:
+    """Is the quantized model good enough yet? The recipe's accuracy budget on its eval data when the
+    compiler provides one (``ctx.services["score"]`` and ``["accuracy_budget"]``), else ``max_output_error``."""
+    score, budget = ctx.services.get("score"), ctx.services.get("accuracy_budget")
+    if callable(score) and budget is not None:
+        floor = score(float_model) - budget
+        return lambda: score(gm) >= floor - 1e-12
+    return lambda: _relative_error(gm, float_model, batches) <= o.max_output_error
 
 
 def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions) -> str:
