@@ -285,19 +285,9 @@ def onnxruntime_runner(path: str | Path, threads: int = 1) -> Runner:
     Inputs are fed by position; torch tensors are passed as (zero-copy) numpy views. Graph
     optimizations stay at onnxruntime's default (all), as in deployment.
     """
-    import onnxruntime as ort
+    from effopt.optimizer.emit_onnx import open_session
 
-    if threads < 1:
-        raise EmitError(f"{path}: threads={threads}; onnxruntime needs at least 1 thread")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own pybind types
-        raise EmitError(f"{path}: onnxruntime cannot load the model: {e}; re-export it with effopt compile") from e
+    session = open_session(Path(path), threads, deterministic=False)
     names = [value.name for value in session.get_inputs()]
 
     def run(*inputs: object) -> object:

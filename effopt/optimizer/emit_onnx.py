@@ -50,7 +50,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from effopt.errors import EmitError
 from effopt.optimizer.verify import elementwise_errors
 
-__all__ = ["OnnxAgreement", "compare_onnx", "export_onnx", "run_onnx"]
+__all__ = ["OnnxAgreement", "compare_onnx", "export_onnx", "open_session", "run_onnx"]
 
 # Loggers that the exporter stack writes warnings through (e.g. "torchvision is not installed.
 # Skipping torchvision::nms" from torch.onnx._internal.exporter._registration, or torch.export's
@@ -148,7 +148,7 @@ def run_onnx(path: Path, inputs: Sequence[np.ndarray], threads: int = 1) -> list
     Raises:
         EmitError: onnxruntime cannot load the file or run it on these inputs.
     """
-    return _run_session(_open_session(path, threads), inputs, path)
+    return _run_session(open_session(path, threads), inputs, path)
 
 
 def compare_onnx(
@@ -169,7 +169,7 @@ def compare_onnx(
     """
     if len(inputs) == 0:
         raise EmitError(f"{path}: compare_onnx got no input tuples; pass at least one batch to compare")
-    session = _open_session(path, threads=1)
+    session = open_session(path, threads=1)
     max_abs = 0.0
     max_rel = 0.0
     passed = True
@@ -535,15 +535,19 @@ def _write_atomic(data: bytes, path: Path) -> Path:
 # --- onnxruntime ----------------------------------------------------------------------------
 
 
-def _open_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with fixed threads and sequential execution, for repeatable numbers."""
+def open_session(path: Path, threads: int = 1, deterministic: bool = True) -> ort.InferenceSession:
+    """A CPU session with fixed threads and sequential execution, for repeatable numbers.
+
+    Every onnxruntime session effopt opens (checks, evaluation, benchmarks) comes from here;
+    ``deterministic=False`` lets timing runs use onnxruntime's fastest kernels.
+    """
     if threads < 1:
         raise EmitError(f"{path}: threads={threads}; onnxruntime needs at least 1 thread")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.use_deterministic_compute = True
+    options.use_deterministic_compute = deterministic
     options.log_severity_level = 3  # errors only: onnxruntime's warnings go straight to stderr
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

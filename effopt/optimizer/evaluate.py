@@ -193,15 +193,12 @@ class OnnxCallable:
     """
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
+        from effopt.optimizer.emit_onnx import open_session
 
         if not path.is_file():
             raise EmitError(f"{path}: ONNX file not found")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(path, threads=1)
         self.inputs = self.session.get_inputs()
         leading = {i.shape[0] for i in self.inputs if i.shape and isinstance(i.shape[0], int)}
         self.fixed_batch: int | None = min(leading) if leading else None
