@@ -23,6 +23,9 @@ $(CKPT): examples/digits.py | $(STAMP)
 demo: $(STAMP) $(CKPT)
 	$(BIN)/effopt inspect recipes/digits.yaml
 	$(BIN)/effopt compile recipes/digits.yaml -o out/digits
+	$(BIN)/effopt compile recipes/digits_int8.yaml -o out/digits_int8
+	$(BIN)/effopt evaluate recipes/digits_int8.yaml --artifact out/digits_int8
+	$(BIN)/effopt compile recipes/digits_mcu.yaml -o out/digits_mcu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
