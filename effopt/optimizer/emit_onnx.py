@@ -109,7 +109,9 @@ def export_onnx(
     """Export ``module`` to a checked ONNX file at ``path`` and return ``path``.
 
     A quantized module's Q/DQ graph is then optimized for onnxruntime's int8 kernels
-    (`effopt.optimizer.onnx_quant.optimize_qdq_model`) unless ``optimize_qdq`` is False.
+    (`effopt.optimizer.onnx_quant.optimize_qdq_model`), and the Linears of a dynamically
+    quantized one (``quantize`` with ``mode: dynamic``) become onnxruntime's dynamic int8
+    MatMuls (`effopt.optimizer.onnx_dynamic`), unless ``optimize_qdq`` is False.
 
     The module is exported in eval mode (BatchNorm uses running statistics, dropout is off)
     and its train/eval flags are restored afterwards. Dynamic-batch inputs share one batch
@@ -127,11 +129,14 @@ def export_onnx(
     _validate_export_args(module, example_inputs, input_names, dynamic_batch)
     args, dynamic_shapes = _export_args(example_inputs, dynamic_batch)
     where = f"model {type(module).__name__!r}"
-    model = _torch_to_onnx(module, args, input_names, dynamic_shapes, opset, optimize=True)
+    with _dynamic_export_form(module, optimize_qdq) as dynamic_weights:
+        model = _torch_to_onnx(module, args, input_names, dynamic_shapes, opset, optimize=True)
     _check_dynamic_batch(model, input_names, dynamic_batch, where)
     model = _clean_graph(model, where)
     if optimize_qdq and _has_qdq(model):
         model = _optimize_qdq(model, where)
+    if dynamic_weights:
+        model = _dynamic_quantize(model, dynamic_weights, where)
     model = _strip_debug_info(model)
     data = _serialize(model, where)
     _check_model(data, where=f"{where} -> {path}")
@@ -378,6 +383,31 @@ def _optimize_qdq(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
             return optimize_qdq_model(model)
     except Exception as e:  # graphsurgeon raises OnnxGraphSurgeonException and plain errors
         raise EmitError(f"{where}: optimizing the quantized ONNX graph failed: {_first_line(str(e))}; {_PT2_HINT}") from e
+
+
+def _dynamic_export_form(module: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[tuple[str, ...]]:
+    """While exporting, each `DynamicInput` is its inner QuantLinear; yields the weight names that mark them.
+
+    See `effopt.optimizer.onnx_dynamic.dynamic_export_form`; with ``enabled`` False (no QDQ
+    optimization asked for) nothing is swapped and the dynamic layers export as float ops.
+    """
+    from effopt.optimizer.onnx_dynamic import dynamic_export_form
+
+    return dynamic_export_form(module) if enabled else contextlib.nullcontext(())
+
+
+def _dynamic_quantize(model: onnx.ModelProto, weights: Sequence[str], where: str) -> onnx.ModelProto:
+    """The dynamic layers' MatMul/Gemm as DynamicQuantizeLinear + MatMulInteger (see onnx_dynamic)."""
+    from effopt.optimizer.onnx_dynamic import dynamic_quantize_matmuls
+
+    try:
+        with quiet_third_party():
+            return dynamic_quantize_matmuls(model, weights)
+    except Exception as e:  # graphsurgeon raises OnnxGraphSurgeonException and plain errors
+        raise EmitError(
+            f"{where}: lowering dynamic quantization to onnxruntime's int8 MatMuls failed: {_first_line(str(e))}; "
+            f"{_PT2_HINT}"
+        ) from e
 
 
 def _first_line(text: str, limit: int = 300) -> str:

@@ -571,7 +571,8 @@ _QUANTIZE_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 _DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
 _INT8_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
 _INT_OUT = {"MatMulInteger": onnx.TensorProto.INT32, "ConvInteger": onnx.TensorProto.INT32}
-_FLOAT_OUT = frozenset({"MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+_FLOAT_OUT = frozenset({"MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulNBits"})
+_INT8_COMPUTE_LEVEL = 4  # MatMulNBits accuracy_level 4: int8 input (quantized per block of K), int8 GEMM
 
 
 @dataclass(frozen=True)
@@ -667,7 +668,7 @@ def qdq_graph_report(model: onnx.ModelProto) -> OrtFusion:
         if op in _DEQUANTIZE_OPS or op in _LAYOUT_OPS:
             continue
         data_type = dtypes.get(node.input[0]) if node.input else None
-        if op in _INTEGER_KERNELS or data_type in _INT8_TYPES:
+        if op in _INTEGER_KERNELS or data_type in _INT8_TYPES or _int8_matmul_nbits(node):
             int8[op] += 1
         elif data_type in (None, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
             floats[op] += 1
@@ -681,6 +682,17 @@ def qdq_graph_report(model: onnx.ModelProto) -> OrtFusion:
         dequantize_nodes=sum(counts[op] for op in _DEQUANTIZE_OPS),
         redundant_qdq=tuple(redundant),
     )
+
+
+def _int8_matmul_nbits(node: onnx.NodeProto) -> bool:
+    """A MatMulNBits that computes in int8 (``accuracy_level`` 4, onnxruntime's default for it).
+
+    onnxruntime builds it from ``DQ(int8/int4 W const) → [Transpose →] MatMul`` with a float input,
+    i.e. from a weight-only layer on 3-D input, and then quantizes that input itself (blockwise,
+    32 values of K per scale): it is int8 compute, with other numerics than the torch model's.
+    """
+    level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+    return node.op_type == "MatMulNBits" and level == _INT8_COMPUTE_LEVEL
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:

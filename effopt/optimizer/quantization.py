@@ -305,7 +305,8 @@ def freeze_weights(gm: nn.Module) -> nn.Module:
     quantized at run time. The layer computes exactly what it did before.
     """
     for m in gm.modules():
-        if isinstance(m, (QuantConv, QuantLinear)) and getattr(m, "weight_codes", None) is None and m.weight_quant.calibrated:
+        quantized = m.weight_quant.calibrated and m.weight_quant.enabled if isinstance(m, (QuantConv, QuantLinear)) else False
+        if quantized and getattr(m, "weight_codes", None) is None:  # a layer mixed precision kept float stays float
             inner = m.conv if isinstance(m, QuantConv) else m.linear
             fq = m.weight_quant
             codes = quantize_values(inner.weight.detach(), fq.scale.detach(), fq.zero_point, fq.scheme)

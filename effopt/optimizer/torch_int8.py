@@ -20,8 +20,8 @@ Mapping (source graph → lowered graph; "FQ" is a `FakeQuant`, s/z its scale/ze
     add(FQ, FQ) ─[relu]─ FQ(s,z)          quantized::add / add_relu(a, b, s, z)
     mul(FQ, FQ) ─[relu]─ FQ(s,z)          quantized::mul / mul_relu(a, b, s, z)
     cat([FQ, ...]) ─ FQ(s,z)              quantized::cat(xs, dim, s, z)
-    avg/adaptive-avg pool, mean ─ FQ      the quantized kernel when s,z equal the input's; else
-                                          dequantize → float pool → quantize (see below)
+    avg/adaptive-avg pool ─ FQ            the quantized kernel when s,z equal the input's; else
+    mean, x + c, x * c (c a number) ─ FQ  dequantize → float op → quantize, exact (see below)
     max pool, flatten, view/reshape,      the same op on the quint8 tensor (keeps s, z)
     permute, dropout, split/getitem, ...
     FQ after a quint8 tensor              nothing if s,z are equal, else dequantize → quantize
@@ -32,20 +32,22 @@ store) become a ``qint8`` tensor with the weight FakeQuant's per-channel (or per
 scales and zero points (``torch._make_per_channel_quantized_tensor``); the bias stays float,
 as torch's quantized conv/linear expect (the kernel adds it at s_x·s_w).
 
-Why the average pools are special: torch's quantized avg pools keep the *input's* s, z and
-round the mean to an input code; requantizing that to a smaller output scale (a mean's range
-is narrower than its input's) would add up to 0.5·s_in of error, several output steps. The
-float detour rounds once, exactly like the fake-quant graph, and costs microseconds for a
-global pool (512·4·4 values in ResNet-18).
+Why the float detours: torch's quantized avg pools (and scalar add/mul) keep or rescale the
+*input's* s, z and round to an input code; requantizing that to a smaller output scale (a
+mean's range is narrower than its input's) would add up to 0.5·s_in of error, several output
+steps. The detour rounds once, exactly like the fake-quant graph, and costs microseconds for a
+global pool (512·4·4 values in ResNet-18). `Int8Summary` lists detours as float ops.
 
-Numerics: every int8 kernel requantizes with one rounding (round half to even), as the
-fake-quant graph does, so outputs agree up to rare one-code flips that propagate: DigitsNet
-and ResNet-18 (CIFAR) logits stay within two output steps of `FakeQuant` evaluation (see
-tests/optimizer/test_torch_int8.py). fbgemm adds the float bias in its requantization; on
-CPUs without VNNI (AVX2 only) its u8·s8 pair sums can saturate int16 when both activation
-and weight codes are near full range (PyTorch's own x86 qconfig avoids this with
-``reduce_range``); `lower_to_torch_int8` checks the lowered module against the fake-quant
-graph on the example inputs and returns `Unsupported` beyond ``max_output_steps``.
+Numerics: each int8 layer matches its fake-quant counterpart to one output code, and only
+where float round-off meets a rounding tie (about 1 element in 50,000 for ResNet-18's convs
+fed the same input). Those flips propagate: small nets' logits stay within 1 output step
+(DigitsNet, the test zoo), a random-weight ResNet-18 (CIFAR, chaotic on N(0, 1) inputs)
+drifts to 8-10 steps, relative L2 error 0.06 -- half of onnxruntime's int8 drift on the same
+model (15-18 steps, 0.14), with top-1 agreement 0.94-1.0. fbgemm adds the float bias in its
+requantization. On CPUs without VNNI (AVX2 only), fbgemm's u8·s8 pair sums can saturate int16
+when activation and weight codes are both near full range (PyTorch's own x86 qconfig avoids
+this with ``reduce_range``); `lower_to_torch_int8` runs the lowered module against the
+fake-quant graph on the example inputs and gives `Unsupported` past ``max_relative_error``.
 
 What returns `Unsupported` (each reason names the node): float ops between quantized ops
 (e.g. a gelu between two quantized convs; torch has no int8 kernel for it), layers the
@@ -58,12 +60,17 @@ quantized op are fine: they run in float on dequantized values.
 
 Serialization (torch 2.13): ``torch.export`` fails on the packed-weight script objects
 (``Conv2dPackedParamsBase ... does not have a field with name '__obj_flatten__'``), so the
-artefact is TorchScript (``torch.jit.script`` of the lowered GraphModule, ``torch.jit.save``).
+artefact is TorchScript (``torch.jit.script`` of the lowered GraphModule, ``torch.jit.save``;
+``torch.jit.trace`` where the script compiler rejects a float op copied from the user's code).
 Loading it needs only ``torch``; the packed weights are stored unpacked and repacked by the
-loading process's quantized engine (``x86`` by default on x86 CPUs). Saved bytes are
-byte-identical for the same model in a fresh process; within one process TorchScript mangles
-the class name of every further GraphModule it compiles (``___torch_mangle_N``), so a second
-compile of the same model in the same process differs only in that name. Both torch.jit and
+loading process's quantized engine (``x86`` by default on x86 CPUs). Bytes: the zip entries carry
+a fixed 1980 timestamp and the serialization id derives from the contents, so a fresh process
+saving the same model writes identical bytes (checked across processes). Within one process
+the archive also records history: its debug info names fx's generated-code key
+(``<eval_with_key>.N``, a process-wide counter), and TorchScript renames a class it compiled
+before with other constants (``___torch_mangle_N``). Naming the lowered class after a digest
+of its code and weights (`_content_digest`) and keeping submodules flat removes the common
+renames, not all of them: do not promise a sha256 of model_int8.pt (as for model.pt2). Both torch.jit and
 quantized tensors print deprecation warnings in torch 2.13 (pytorch/pytorch#184982): this path
 works today but is on its way out; the Q/DQ pt2 and ONNX paths are not.
 
@@ -73,14 +80,16 @@ Example::
     if isinstance(lowered, Unsupported):
         note = f"quantize/dequantize reference ops: {lowered}"
     else:
-        save_torchscript(lowered, out / "model_int8.pt")        # torch.jit.load(...)(x) -> float logits
+        save_torchscript(lowered, out / "model_int8.pt", ir.example_inputs)  # torch.jit.load(...)(x): logits
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
+import io
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -110,6 +119,7 @@ __all__ = [
     "int8_summary",
     "lower_to_torch_int8",
     "quantized_engine",
+    "SavedTorchScript",
     "save_torchscript",
 ]
 
@@ -122,8 +132,8 @@ X86_ENGINES: tuple[str, ...] = ("x86", "fbgemm")
 _FUSED = {"relu", "relu6", "hardtanh"}
 _PASS_THROUGH = {
     "max_pool", "adaptive_max_pool", "flatten", "unflatten", "view", "reshape", "squeeze", "unsqueeze",
-    "permute", "transpose", "t", "contiguous", "dropout", "identity", "split", "chunk", "getitem",
-    "interpolate", "relu", "relu6", "hardtanh",
+    "permute", "transpose", "t", "contiguous", "dropout", "identity", "getitem", "interpolate", "relu", "relu6",
+    "hardtanh",
 }
 _AVERAGES = {"avg_pool", "adaptive_avg_pool", "mean"}
 _CONV = {1: (nnq.Conv1d, nniq.ConvReLU1d), 2: (nnq.Conv2d, nniq.ConvReLU2d), 3: (nnq.Conv3d, nniq.ConvReLU3d)}
@@ -187,11 +197,13 @@ def quantized_engine(name: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _quiet_deprecations() -> Iterator[None]:
-    """torch 2.13 warns that quantized tensors and torch.jit are deprecated; library code does not print."""
+def _quiet_torch_warnings() -> Iterator[None]:
+    """Library code does not print: torch 2.13 warns that quantized tensors and torch.jit are deprecated
+    (the module docstring says so), and TorchScript warns about an annotation in GraphModule.__init__."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*instance-level annotations on empty non-base types.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         yield
 
@@ -210,7 +222,7 @@ class _Q:
 
 @dataclass(frozen=True)
 class _F:
-    """A float tensor; ``after_int8`` names the first float op upstream that read int8 values (None: before any)."""
+    """A float tensor; ``after_int8`` lists the float ops since the last int8 values (empty before any)."""
 
     node: fx.Node
     after_int8: tuple[str, ...] = ()  # float ops since the last int8 values, e.g. ("gelu (gelu)",); () before any
@@ -227,7 +239,7 @@ class _QTuple:
 
 @dataclass(frozen=True)
 class _Other:
-    """A non-tensor value (a size, a tuple of tensors from split) or a constant attribute."""
+    """A non-tensor value (a size) or a constant attribute."""
 
     node: fx.Node
 
@@ -285,11 +297,13 @@ class _Lowering:
         self.is_tensor = is_tensor
         self.float_islands = float_islands
         self.int8_kinds: list[str] = []   # what runs on int8 kernels, in graph order
-        self.float_ops: list[str] = []    # float ops between int8 ops (only with float_islands)
+        self.float_ops: list[str] = []    # ops computed in float between int8 ops (detours, float_islands)
+        self.float_built: set[fx.Node] = set()  # int8-contract ops this lowering computes in float (exact detours)
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.values: dict[fx.Node, _Value] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
+        self.copied: dict[str, str] = {}  # source module/attribute target → its flat name in the lowered root
         self.materialized: set[fx.Node] = set()
         self.problems: list[str] = []
 
@@ -304,20 +318,18 @@ class _Lowering:
         self.problems.append(f"node '{n.name}' ({kind}) {what}")
         return _Bad()
 
-    def add_module(self, target: str, module: nn.Module) -> str:
-        parent = self.root
-        *path, leaf = target.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(leaf, module)
-        return target
+    def add_module(self, base: str, module: nn.Module) -> str:
+        """Add ``module`` directly under the root as ``base`` with dots made underscores (made unique).
+
+        Flat on purpose: container ``nn.Module``s would each become a TorchScript class whose
+        name depends on what the process compiled before (see `_content_digest`)."""
+        name = self.fresh(base.replace(".", "_"))
+        self.root.add_module(name, module)
+        return name
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
-        names = dict(self.root.named_modules())
-        while name in names or hasattr(self.root, name):
+        while hasattr(self.root, name):
             name, k = f"{base}_{k}", k + 1
         return name
 
@@ -331,28 +343,27 @@ class _Lowering:
         return self.dequantized[src]
 
     def copy_node(self, n: fx.Node, arg: Callable[[fx.Node], fx.Node]) -> fx.Node:
-        """``n`` in the lowered graph, its node arguments mapped by ``arg``, its module or attribute copied."""
-        if n.op == "call_module" and str(n.target) not in dict(self.root.named_modules()):
-            self.add_module(str(n.target), copy.deepcopy(self.module(n)))
-        if n.op == "get_attr":
-            self._copy_attr(str(n.target))
-        return self.graph.node_copy(n, arg)
+        """``n`` in the lowered graph, its node arguments mapped by ``arg``, its module or attribute copied
+        (once per source target: a module called twice stays one module)."""
+        new = self.graph.node_copy(n, arg)
+        if n.op in ("call_module", "get_attr"):
+            target = str(n.target)
+            if target not in self.copied:
+                self.copied[target] = self._copy_target(n, target)
+            new.target = self.copied[target]
+        return new
 
-    def _copy_attr(self, target: str) -> None:
+    def _copy_target(self, n: fx.Node, target: str) -> str:
+        if n.op == "call_module":
+            return self.add_module(target, copy.deepcopy(self.module(n)))
         *path, leaf = target.split(".")
-        owner = self.src.get_submodule(".".join(path)) if path else self.src
-        value = getattr(owner, leaf)
-        parent = self.root
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        if isinstance(value, nn.Parameter):
-            parent.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
-        elif isinstance(value, torch.Tensor):
-            parent.register_buffer(leaf, value.detach().clone())
+        value = getattr(self.src.get_submodule(".".join(path)) if path else self.src, leaf)
+        name = self.fresh(target.replace(".", "_"))
+        if isinstance(value, torch.Tensor):
+            self.root.register_buffer(name, value.detach().clone())
         else:
-            setattr(parent, leaf, copy.deepcopy(value))
+            setattr(self.root, name, copy.deepcopy(value))
+        return name
 
     # the walk --------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -400,12 +411,19 @@ class _Lowering:
         if kind in _AVERAGES:
             return self.average(n, kind)
         if kind in _PASS_THROUGH and isinstance(first, _Q):
+            if n.op == "call_method" and n.target == "view":  # int8 conv outputs are channels-last: view fails
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), self._lowered)
+                return _Q(self.graph.call_method("reshape", args, kwargs), first.scale, first.zero_point)
             return _Q(self._same_call(n), first.scale, first.zero_point)
         return self.float_op(n, kind, inputs)
 
+    def _lowered(self, a: fx.Node) -> fx.Node:
+        """The lowered node that holds source value ``a`` as it is (quint8 stays quint8)."""
+        return self.values[a].node  # type: ignore[union-attr]
+
     def _same_call(self, n: fx.Node) -> fx.Node:
         """The same call on the lowered values (quint8 tensors stay quint8)."""
-        return self.copy_node(n, lambda a: self.values[a].node)  # type: ignore[union-attr]
+        return self.copy_node(n, self._lowered)
 
     def float_op(self, n: fx.Node, kind: str, inputs: Sequence[_Value]) -> _Value:
         """A float op: runs on dequantized values; fine before the first and after the last quantizer."""
@@ -433,8 +451,9 @@ class _Lowering:
             return self.problem(n, "FakeQuant", f"quantizes an activation per channel (axis={s.axis}): the x86 int8 "
                                 "kernels take one scale per tensor")
         if s.signed or s.qmin != 0 or s.qmax != 255:
-            return self.problem(n, "FakeQuant", f"stores {s.bits}-bit {'signed' if s.signed else 'unsigned'} codes "
-                                f"[{s.qmin}, {s.qmax}]: the x86 int8 kernels take quint8 activations with codes [0, 255]")
+            sign = "signed" if s.signed else "unsigned"
+            return self.problem(n, "FakeQuant", f"stores {s.bits}-bit {sign} codes [{s.qmin}, {s.qmax}]: the x86 int8 "
+                                "kernels take quint8 activations with codes [0, 255]")
         scale, zero = float(fq.frozen_scale), int(fq.frozen_zero)
         src = n.args[0]
         v = self.values.get(src) if isinstance(src, fx.Node) else None
@@ -454,8 +473,12 @@ class _Lowering:
                 return self.problem(v.act_node, self.kind(v.act_node), "is a fused activation with more than one "
                                     "user: only its FakeQuant may read it")
             self.materialized.add(v.node)
-            self.int8_kinds.append(v.kind)
-            return _Q(v.build(scale, zero, v.act), scale, zero)
+            node = v.build(scale, zero, v.act)
+            if v.node in self.float_built:
+                self.float_ops.append(f"{v.node.name} ({v.kind})")
+            else:
+                self.int8_kinds.append(v.kind)
+            return _Q(node, scale, zero)
         if isinstance(v, _Q):
             if (v.scale, v.zero_point) == (scale, zero):
                 return v  # a tied quantizer (split, interpolate): nothing to do
@@ -561,7 +584,7 @@ class _Lowering:
                     conv.groups, bias is not None)
             q.set_weight_bias(weight, bias)
             q.scale, q.zero_point = scale, zero
-            out = self.graph.call_module(self.add_module(self.fresh(target), q), (x.node,))
+            out = self.graph.call_module(self.add_module(target, q), (x.node,))
             return self.activation(out, act, relu_fused=True)
 
         return build
@@ -577,7 +600,7 @@ class _Lowering:
                 q = nnq.Linear(linear.in_features, linear.out_features, bias is not None)
             q.set_weight_bias(weight, bias)  # type: ignore[operator]
             q.scale, q.zero_point = scale, zero
-            out = self.graph.call_module(self.add_module(self.fresh(target), q), (x.node,))
+            out = self.graph.call_module(self.add_module(target, q), (x.node,))
             return self.activation(out, act, relu_fused=True)
 
         return build
@@ -600,6 +623,9 @@ class _Lowering:
     def binary(self, n: fx.Node, kind: str) -> _Value:
         if n.kwargs.get("alpha", 1) != 1:
             return self.problem(n, kind, f"has alpha={n.kwargs['alpha']}: no int8 kernel")
+        scalars = [a for a in n.args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if kind in ("add", "mul") and len(n.args) == 2 and len(scalars) == 1:
+            return self.detour(n, kind)  # x * 0.25: the quantize pass treats it as int8 in, int8 out
         refs = self._operands(n, kind, list(n.args[:2]) if len(n.args) >= 2 else [])
         if not isinstance(refs, list):
             return refs
@@ -638,6 +664,29 @@ class _Lowering:
 
         return _Pending(n, kind, build)
 
+    def detour(self, n: fx.Node, kind: str) -> _Value:
+        """An int8-in, int8-out op computed exactly in float: dequantize → op → quantize (one rounding).
+
+        Used for a tensor-scalar add/mul (torch's scalar kernels keep or rescale the input's
+        parameters, so a second rounding to the FakeQuant's would follow)."""
+        x = next(self.values[a] for a in n.all_input_nodes)
+        if not isinstance(x, _Q) or len(n.all_input_nodes) != 1:
+            return self.problem(n, kind, "is not an op on one int8 tensor")
+        src = n
+
+        def build(scale: float, zero: int, act: tuple[str, Any] | None) -> fx.Node:
+            self.float_built.add(src)
+            out = self.copy_node(src, lambda a: self.dequantize(a, x))
+            return self.quantize(self._float_activation(out, act), scale, zero)
+
+        return _Pending(n, kind, build)
+
+    def _float_activation(self, out: fx.Node, act: tuple[str, Any] | None) -> fx.Node:
+        if act is None:
+            return out
+        lo, hi = act[1] if act[1] is not None else (0.0, math.inf)
+        return self.graph.call_function(torch.clamp, (out, lo, None if math.isinf(hi) else hi))
+
     def average(self, n: fx.Node, kind: str) -> _Value:
         x = self.values.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if not isinstance(x, _Q) or any(isinstance(self.values[a], _Q) for a in n.all_input_nodes[1:]):
@@ -648,11 +697,14 @@ class _Lowering:
             if (scale, zero) == (x.scale, x.zero_point) and kind != "mean":
                 return self.activation(self._same_call(src), act, relu_fused=False)
             # exact: one rounding, as the fake-quant graph (see the module docstring)
-            out = self.copy_node(src, lambda a: self.dequantize(a, x) if a is src.args[0] else self.values[a].node)  # type: ignore[union-attr]
-            if act is not None:
-                lo, hi = act[1] if act[1] is not None else (0.0, math.inf)
-                out = self.graph.call_function(torch.clamp, (out, lo, None if math.isinf(hi) else hi))
-            return self.quantize(out, scale, zero)
+            self.float_built.add(src)
+            first = src.args[0]
+
+            def arg(a: fx.Node) -> fx.Node:
+                return self.dequantize(a, x) if a is first else self.values[a].node  # type: ignore[union-attr]
+
+            out = self.copy_node(src, arg)
+            return self.quantize(self._float_activation(out, act), scale, zero)
 
         return _Pending(n, kind, build)
 
@@ -676,10 +728,12 @@ class _Lowering:
 
 @dataclass(frozen=True)
 class Int8Summary:
-    """What a lowered module runs where: ``int8`` op kinds in graph order, ``float_ops`` between them.
+    """What a lowered module runs where: ``int8`` op kinds in graph order, and ``float_ops``, the
+    ops computed in float between int8 ops (exact detours such as a global average pool with new
+    output parameters, and with ``float_islands`` any float op), as ``"name (kind)"``.
 
-    ``str()`` is the report note, e.g. ``"x86 int8 kernels (fbgemm) via TorchScript: conv 20, add 8,
-    linear 1 in int8"`` (plus ``"; float between int8 ops: mul (mul), softmax (softmax)"``).
+    ``str()`` is the report note, e.g. for ResNet-18 ``"x86 int8 kernels (fbgemm) via TorchScript:
+    conv 20, add 8, linear 1 in int8; float between int8 ops: avgpool (adaptive_avg_pool)"``.
     """
 
     int8: tuple[str, ...]
@@ -702,7 +756,8 @@ def int8_summary(lowered: fx.GraphModule) -> Int8Summary:
     """The `Int8Summary` `lower_to_torch_int8` stored in the lowered module's ``meta``."""
     summary = lowered.meta.get(SUMMARY_KEY)
     if not isinstance(summary, Int8Summary):
-        raise EmitError("int8_summary: this module was not made by lower_to_torch_int8; lower the quantized graph first")
+        raise EmitError("int8_summary: this module was not made by lower_to_torch_int8; lower the quantized graph "
+                        "first")
     return summary
 
 
@@ -710,16 +765,19 @@ def lower_to_torch_int8(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
     engine: str | None = None,
-    max_output_steps: float = 8.0,
+    max_relative_error: float = 0.25,
     float_islands: bool = False,
 ) -> fx.GraphModule | Unsupported:
     """A GraphModule that runs ``gm`` (quantized-graph contract) on torch's x86 int8 kernels, or why not.
 
     ``example_inputs`` are run through ``gm`` once to tell tensors from sizes, and through the
-    lowered module once as a check: a kernel that fails, or outputs more than
-    ``max_output_steps`` output quantization steps away from ``gm`` (eval mode), give
-    `Unsupported` rather than a wrong artefact. ``engine`` defaults to `int8_engine`; it is
-    set only while the modules are built and checked, then the caller's engine is restored.
+    lowered module once as a check: a kernel that fails, or outputs whose relative L2 error
+    against ``gm`` (eval mode) exceeds ``max_relative_error``, give `Unsupported` rather than a
+    wrong artefact. The bound is loose on purpose: it catches a wrong kernel or saturation,
+    not the rounding drift of deep nets (0.06 on a random-weight ResNet-18, where onnxruntime's
+    int8 kernels drift 0.14); use `int8_agreement` on real data for the report. ``engine``
+    defaults to `int8_engine`; it is set only while the modules are built and checked, then
+    the caller's engine is restored.
     ``float_islands=True`` runs float ops between quantized ops in float (dequantize → op →
     quantize, what the Q/DQ pt2 does for every op) instead of giving up; `int8_summary` lists them.
     ``gm`` is not changed (its train/eval mode is restored).
@@ -727,20 +785,24 @@ def lower_to_torch_int8(
     Example (DigitsNet after fold_batchnorm, eliminate_dead_code, quantize)::
 
         lowered = lower_to_torch_int8(ir.gm, ir.example_inputs)
-        lowered(x)               # float logits, within 2 output steps of ir.gm.eval()(x)
+        lowered(x)               # float logits, within 1 output step of ir.gm.eval()(x)
         str(int8_summary(lowered))
-        # 'x86 int8 kernels (fbgemm) via TorchScript: conv 3, adaptive_avg_pool 1, linear 2 in int8'
+        # 'x86 int8 kernels (fbgemm) via TorchScript: conv 3, linear 2 in int8; float between int8 ops:
+        #  gap (adaptive_avg_pool)'
     """
     engine = engine or int8_engine()
     if engine is None:
         return Unsupported((f"this torch build has no x86 int8 engine (supported: "
                             f"{torch.backends.quantized.supported_engines})",))
-    if not any(isinstance(m, FakeQuant) for m in gm.modules()):
-        return Unsupported(("the model has no quantized activations (no FakeQuant): nothing runs in int8",))
+    activation_quants = [n for n in gm.graph.nodes
+                         if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), FakeQuant)]
+    if not activation_quants:
+        return Unsupported(("the model has no quantized activations (no FakeQuant in the graph; weight-only or dynamic "
+                            "quantization): nothing runs in int8",))
     was_training = gm.training
     gm.eval()
     try:
-        with quantized_engine(engine), _quiet_deprecations(), torch.no_grad():
+        with quantized_engine(engine), _quiet_torch_warnings(), torch.no_grad():
             kinds = _TensorKinds(gm)
             reference = kinds.run(*example_inputs)
             lowering = _Lowering(gm, kinds.tensor, float_islands)
@@ -750,32 +812,51 @@ def lower_to_torch_int8(
             if not lowering.int8_kinds:
                 return Unsupported(("no conv, linear, add, mul, matmul, cat or pool runs in int8: nothing to lower",))
             lowering.graph.lint()
-            lowered = fx.GraphModule(lowering.root, lowering.graph, class_name="EffoptInt8Module").eval()
+            name = f"EffoptInt8Module_{_content_digest(lowering.root, lowering.graph)}"
+            lowered = fx.GraphModule(lowering.root, lowering.graph, class_name=name).eval()
             lowered.meta[SUMMARY_KEY] = Int8Summary(tuple(lowering.int8_kinds), tuple(lowering.float_ops))
-            failure = _check(lowered, example_inputs, reference, _output_step(gm), max_output_steps)
+            failure = _check(lowered, example_inputs, reference, max_relative_error)
     finally:
         gm.train(was_training)
     return Unsupported((failure,)) if failure else lowered
 
 
-def _check(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any, step: float | None,
-           max_steps: float) -> str | None:
+def _content_digest(root: nn.Module, graph: fx.Graph) -> str:
+    """12 hex digits of the lowered code and weights: the TorchScript class name's suffix.
+
+    TorchScript renames (``___torch_mangle_N``) a class whose qualified name it has compiled
+    before in this process, and the archive records the name; with one name per content, the
+    class name does not depend on which other models the process saved before (an identical
+    model saved twice still gets the renamed class the second time).
+    """
+    digest = hashlib.sha256(graph.python_code("self").src.encode())
+    buffer = io.BytesIO()
+    torch.save(root.state_dict(), buffer)
+    digest.update(buffer.getvalue())
+    return digest.hexdigest()[:12]
+
+
+def _check(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any,
+           max_relative_error: float) -> str | None:
     """None if ``lowered`` runs and agrees with ``reference``; else what went wrong, naming the node."""
     runner = _NodeNamingInterpreter(lowered)
     try:
         out = runner.run(*inputs)
     except Exception as e:  # any kernel failure: the caller falls back to the Q/DQ artefact
         where = f" at node '{runner.current.name}'" if runner.current is not None else ""
-        return f"the int8 module fails on the example inputs{where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    ref = [t for t in tree_leaves(reference) if isinstance(t, torch.Tensor)]
-    got = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    err = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
-    if step is None:  # a float op after the last quantizer: one 8-bit step of the output's range
-        step = max((float(a.abs().max()) for a in ref if a.numel()), default=0.0) / 255 or None
-    bound = max_steps * step if step else 1e-6
-    if err > bound:
-        return (f"the int8 module's outputs differ from the fake-quant graph by {err:.4g} on the example inputs "
-                f"(> {max_steps:g} output steps of {step or 0:.4g}); the CPU's int8 kernels may saturate (no VNNI?)")
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"the int8 module fails on the example inputs{where}: {type(e).__name__}: {first_line}"
+    ref = [t.double() for t in tree_leaves(reference) if isinstance(t, torch.Tensor)]
+    got = [t.double() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
+        return "the int8 module's outputs do not have the fake-quant graph's shapes"
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got))
+    den = sum(float(a.pow(2).sum()) for a in ref)
+    error = math.sqrt(num / den) if den > 0 else math.sqrt(num)
+    if not math.isfinite(error) or error > max_relative_error:
+        return (f"the int8 module's outputs differ from the fake-quant graph by {error:.3g} (relative L2) on the "
+                f"example inputs, over the {max_relative_error:g} allowed: the int8 kernels disagree with effopt's "
+                "quantization here (on CPUs without VNNI, fbgemm's 16-bit pair sums may saturate)")
     return None
 
 
@@ -800,31 +881,63 @@ def _output_step(gm: fx.GraphModule) -> float | None:
 # -- serialization and agreement -------------------------------------------------------------------
 
 
-def save_torchscript(module: nn.Module, path: str | Path) -> Path:
-    """``torch.jit.script`` the lowered module and ``torch.jit.save`` it to ``path`` (``model_int8.pt``).
+@dataclass(frozen=True)
+class SavedTorchScript:
+    """Where `save_torchscript` wrote the archive and how: ``"script"`` or, where TorchScript's
+    compiler rejects a float op copied from the user's model, ``"trace"`` (checked at two batch sizes)."""
 
-    The archive needs only torch to run: ``torch.jit.load(path)(x)``. Scripting (not tracing)
-    keeps the batch size free. Raises `EmitError` if TorchScript rejects the module.
+    path: Path
+    method: str
+
+
+def save_torchscript(module: nn.Module, path: str | Path, example_inputs: Sequence[torch.Tensor]) -> SavedTorchScript:
+    """Write the lowered module as a TorchScript archive (``model_int8.pt``) that needs only torch to run.
+
+    ``torch.jit.script`` keeps every shape free; it rejects some Python-isms fx copies from the
+    user's float ops (e.g. ``F.interpolate(x, scale_factor=2)``: an int where it wants a float),
+    and then the module is traced instead. The lowered graph is straight-line fx code, so a
+    trace records the same ops; sizes read with ``x.size(0)`` stay dynamic. Either way the
+    saved module must reproduce ``module`` exactly on ``example_inputs`` and on a batch twice
+    as large, else `EmitError`. Example::
+
+        save_torchscript(lowered, out / "model_int8.pt", ir.example_inputs).method   # 'script'
     """
     path = Path(path)
-    try:
-        with _quiet_deprecations():
-            scripted = torch.jit.script(module)
-            torch.jit.save(scripted, str(path))
-    except Exception as e:  # TorchScript raises many unrelated types
-        raise EmitError(f"{path.name}: TorchScript cannot save the int8 module: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; use model.pt2 instead") from e
-    return path
+    inputs = tuple(example_inputs)
+    doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+    errors: list[str] = []
+    with _quiet_torch_warnings(), torch.no_grad():
+        for method in ("script", "trace"):
+            try:
+                compiled = torch.jit.script(module) if method == "script" else torch.jit.trace(module, inputs)
+                for label, xs in (("the example inputs", inputs), ("a batch twice as large", doubled)):
+                    if not _same_outputs(module(*xs), compiled(*xs)):
+                        raise EmitError(f"the {method} differs from the int8 module on {label}")
+                torch.jit.save(compiled, str(path))
+                return SavedTorchScript(path, method)
+            except Exception as e:  # TorchScript raises many unrelated types; try the next method
+                text = str(e).strip()
+                errors.append(f"{method}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
+    raise EmitError(f"{path.name}: TorchScript cannot save the int8 module ({'; '.join(errors)}); "
+                    "use model.pt2 instead")
 
 
-def int8_agreement(reference: nn.Module, int8: Callable[..., Any], batches: Iterable[Sequence[torch.Tensor]]) -> Int8Agreement:
+def _same_outputs(a: Any, b: Any) -> bool:
+    xs = [t for t in tree_leaves(a) if isinstance(t, torch.Tensor)]
+    ys = [t for t in tree_leaves(b) if isinstance(t, torch.Tensor)]
+    return len(xs) == len(ys) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def int8_agreement(
+    reference: nn.Module, int8: Callable[..., Any], batches: Iterable[Sequence[torch.Tensor]]
+) -> Int8Agreement:
     """Compare the first output of ``int8`` with the fake-quant ``reference`` (eval mode) over ``batches``."""
     step = _output_step(reference) if isinstance(reference, fx.GraphModule) else None
     was_training = reference.training
     reference.eval()
     err, agree, total = 0.0, 0, 0
     try:
-        with torch.no_grad(), _quiet_deprecations():
+        with torch.no_grad(), _quiet_torch_warnings():
             for inputs in batches:
                 r = next(t for t in tree_leaves(reference(*inputs)) if isinstance(t, torch.Tensor))
                 o = next(t for t in tree_leaves(int8(*inputs)) if isinstance(t, torch.Tensor))

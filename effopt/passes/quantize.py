@@ -35,6 +35,7 @@ from effopt.errors import PassError
 from effopt.optimizer.analysis import canonical_op
 from effopt.optimizer.finetune_config import FineTuneConfig
 from effopt.optimizer.ir import IR, facts, has_facts
+from effopt.optimizer.onnx_dynamic import dynamic_fake_quantize
 from effopt.optimizer.onnx_quant import FUSED_ACTIVATIONS as ORT_FUSED_ACTIVATIONS
 from effopt.optimizer.onnx_quant import PASS_THROUGH_KINDS as ORT_PASS_THROUGH_KINDS
 from effopt.optimizer.pass_base import Pass, PassContext, PassOptions, PassResult, Skip
@@ -304,7 +305,13 @@ class _Rewrite:
 
 
 class DynamicInput(nn.Module):
-    """Dynamic quantization of a Linear's input: the range of each batch gives its scale, at run time."""
+    """Dynamic quantization of a Linear's input: the range of each batch gives its scale, at run time.
+
+    The rule is onnxruntime's ``DynamicQuantizeLinear`` (`dynamic_fake_quantize`: uint8 over
+    ``[min(x, 0), max(x, 0)]`` of the whole batch, float32 math), so the ONNX artefact, where
+    `effopt.optimizer.onnx_dynamic` lowers the layer to ``DynamicQuantizeMatMul``, computes the
+    same codes. For export, `dynamic_export_form` swaps this module for ``inner``.
+    """
 
     effopt_kind = "linear"
 
@@ -322,10 +329,7 @@ class DynamicInput(nn.Module):
         return self.inner.weight_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from effopt.optimizer.quantization import fake_quantize, qparams_from_range
-
-        scale, zero = qparams_from_range(x.detach().min(), x.detach().max(), ACTIVATION)
-        return self.inner(fake_quantize(x, scale, zero, ACTIVATION))
+        return self.inner(dynamic_fake_quantize(x))
 
 
 # -- calibration --------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ class Expected:
     rewritten: int                  # MatMul/Gemm nodes turned into integer ones
     skip_reason: str | None = None  # a fragment of the reason, for a declined site
     quantize_nodes: int = 0         # DynamicQuantizeLinear nodes after the rewrite
+    reference: Callable[[np.ndarray], np.ndarray] | None = None  # when not `_reference` (quantizes x only)
 
 
 def _codes(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -185,6 +186,25 @@ def fan_out_graph() -> tuple[onnx.ModelProto, Expected]:
     return _model(nodes, inits_a + inits_b, ["batch", K], ["batch", N]), Expected(2, quantize_nodes=1)
 
 
+def shared_weight_graph() -> tuple[onnx.ModelProto, Expected]:
+    """One weight read by two layers (a shared module): one [K, N] copy, two input quantizers::
+
+        x ── Gemm ── Relu ── Gemm ── y
+             └── DQ(W_q [K, K]) ──┘
+    """
+    dq, inits = _dq("shared", _codes((K, K), 14), _scales(K, 15), 0)
+    nodes = [dq, helper.make_node("Gemm", ["x", "shared.w"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "shared.w"], ["y"], transB=1)]
+    codes, scale = (numpy_helper.to_array(t) for t in inits[:2])
+    w = torch.from_numpy(codes.astype(np.float32) * scale[:, None])
+
+    def reference(x: np.ndarray) -> np.ndarray:  # both layers' inputs quantized
+        h = torch.relu(dynamic_fake_quantize(torch.from_numpy(x)) @ w.T)
+        return (dynamic_fake_quantize(h) @ w.T).numpy()
+
+    return _model(nodes, inits, ["batch", K], ["batch", K]), Expected(2, quantize_nodes=2, reference=reference)
+
+
 def k_axis_scales_graph() -> tuple[onnx.ModelProto, Expected]:
     """Scales along K cannot leave the int32 sum: declined::
 
@@ -192,7 +212,8 @@ def k_axis_scales_graph() -> tuple[onnx.ModelProto, Expected]:
         W_q [K, N] ─ DQ(s[K], axis 0) ─┘
     """
     dq, inits = _dq("w", _codes((K, N), 9), _scales(K, 10), 0)
-    return _model([dq, helper.make_node("MatMul", ["x", "w.w"], ["y"])], inits, ["batch", K], ["batch", N]), Expected(0, "along K")
+    model = _model([dq, helper.make_node("MatMul", ["x", "w.w"], ["y"])], inits, ["batch", K], ["batch", N])
+    return model, Expected(0, "along K")
 
 
 def static_input_graph() -> tuple[onnx.ModelProto, Expected]:
@@ -221,7 +242,7 @@ def activation_matmul_graph() -> tuple[onnx.ModelProto, Expected]:
 
 GRAPHS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
     f.__name__: f for f in (gemm_trans_b_graph, matmul_transpose_graph, matmul_direct_per_tensor_graph, fan_out_graph,
-                            k_axis_scales_graph, static_input_graph, activation_matmul_graph)
+                            shared_weight_graph, k_axis_scales_graph, static_input_graph, activation_matmul_graph)
 }
 
 
@@ -254,7 +275,8 @@ def test_rewrite_on_small_graphs(name: str, tmp_path: Path) -> None:
     x = _x_for(model)
     got = _run(result.model, {"x": x})
     if expected.rewritten:
-        np.testing.assert_allclose(got, _reference(model, x), rtol=1e-5, atol=1e-5)
+        want = expected.reference(x) if expected.reference else _reference(model, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert not np.allclose(got, _run(model, {"x": x}, optimize=False), rtol=1e-4, atol=1e-4)  # input quantized
         report = _fused_graph(result.model, tmp_path)
         assert _count(report.int8_ops, FUSED_DYNAMIC) == expected.rewritten
@@ -264,6 +286,13 @@ def test_rewrite_on_small_graphs(name: str, tmp_path: Path) -> None:
     else:
         assert ops == before  # left exactly as it was
         np.testing.assert_array_equal(got, _run(model, {"x": x}))
+
+
+def test_shared_weight_is_stored_once() -> None:
+    model, _ = shared_weight_graph()
+    out = dynamic_quantize_matmuls(model)
+    weights = [t.name for t in out.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert weights == ["shared.weight_codes_transposed"]
 
 
 def test_weight_names_select_the_dynamic_layers() -> None:
@@ -278,13 +307,15 @@ def test_weight_names_select_the_dynamic_layers() -> None:
 def test_a_named_weight_that_no_node_reads_is_reported() -> None:
     model, _ = gemm_trans_b_graph()
     result = dynamic_quantize_matmuls_detailed(model, ["fc.weight_codes", "gone.weight_codes"])
-    assert result.rewritten and result.skipped == (("gone.weight_codes", "no MatMul/Gemm reads this weight (renamed by the exporter?)"),)
+    assert result.rewritten
+    assert result.skipped == (("gone.weight_codes", "no MatMul/Gemm reads this weight (renamed by the exporter?)"),)
 
 
 def test_rewrite_is_deterministic_and_idempotent() -> None:
     model, _ = fan_out_graph()
     once = dynamic_quantize_matmuls(model)
-    assert once.SerializeToString(deterministic=True) == dynamic_quantize_matmuls(model).SerializeToString(deterministic=True)
+    again = dynamic_quantize_matmuls(model)
+    assert once.SerializeToString(deterministic=True) == again.SerializeToString(deterministic=True)
     twice = dynamic_quantize_matmuls_detailed(once)
     assert twice.rewritten == () and [n.op_type for n in twice.model.graph.node] == [n.op_type for n in once.graph.node]
 
@@ -332,7 +363,7 @@ def test_export_form_before_the_rewrite_has_no_dynamic_int8_kernels(exported: Ex
     """2-D layers stay float Gemms; onnxruntime turns 3-D ones (DQ → Transpose → MatMul) into MatMulNBits."""
     report = _fused_graph(exported.exported, tmp_path)
     assert _count(report.int8_ops, FUSED_DYNAMIC) == 0
-    assert _count(report.float_compute_ops, (*FLOAT_GEMMS, "MatMulNBits")) >= exported.layers
+    assert _count(report.op_counts, (*FLOAT_GEMMS, "MatMulNBits")) >= exported.layers
 
 
 def test_rewritten_model_runs_every_dynamic_layer_on_int8_kernels(exported: Exported, tmp_path: Path) -> None:
@@ -340,7 +371,7 @@ def test_rewritten_model_runs_every_dynamic_layer_on_int8_kernels(exported: Expo
     assert _count(report.int8_ops, FUSED_DYNAMIC) == exported.layers
     assert _count(report.float_compute_ops, ("Gemm", "FusedGemm")) == 0
     # what stays a float MatMul is attention's activation × activation (2 per transformer layer)
-    activation_matmuls = sum(1 for n in exported.ir.gm.graph.nodes if n.op == "call_function" and "matmul" in str(n.target))
+    activation_matmuls = sum(n.op == "call_function" and "matmul" in str(n.target) for n in exported.ir.gm.graph.nodes)
     assert _count(report.float_compute_ops, ("MatMul", "FusedMatMul")) == activation_matmuls
     int8 = [t for t in exported.rewritten.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
     assert len(int8) == exported.layers
@@ -358,7 +389,7 @@ def test_rewritten_model_agrees_with_the_torch_dynamic_model(exported: Exported,
     got = _run(exported.rewritten, {"x": x.numpy()})
     scale = np.abs(dynamic).max()
     assert np.abs(got - dynamic).max() <= 1e-4 * scale
-    assert np.abs(dynamic - floating).max() > 10 * np.abs(got - dynamic).max()  # the comparison can tell quantized from float
+    assert np.abs(dynamic - floating).max() > 10 * np.abs(got - dynamic).max()  # tells quantized from float
 
 
 def test_rewritten_model_passes_the_checker_and_is_deterministic(exported: Exported) -> None:
@@ -406,3 +437,15 @@ def test_unfrozen_dynamic_layer_is_found_after_weight_folding(tmp_path: Path) ->
     assert qdq_graph_report(onnx.load(str(path))).quantize_nodes == 1  # precondition: a float weight behind Q
     result = dynamic_quantize_matmuls_detailed(optimize_qdq_model(onnx.load(str(path))), weights)
     assert len(result.rewritten) == 1 and result.skipped == ()
+
+
+def test_export_onnx_lowers_dynamic_layers_to_int8_kernels(exported: Exported, tmp_path: Path) -> None:
+    """export_onnx does the whole path itself: export form, then the rewrite."""
+    frozen = freeze_weights(copy.deepcopy(exported.ir.gm)).eval()
+    path = export_onnx(frozen, exported.ir.example_inputs, ["x"], [True], tmp_path / "hooked.onnx")
+    assert sum(isinstance(m, DynamicInput) for m in frozen.modules()) == exported.layers  # put back
+    report = ort_fusion_report(path)
+    assert _count(report.int8_ops, FUSED_DYNAMIC) == exported.layers
+    assert _count(report.float_compute_ops, ("Gemm", "FusedGemm")) == 0
+    plain = export_onnx(frozen, exported.ir.example_inputs, ["x"], [True], tmp_path / "plain.onnx", optimize_qdq=False)
+    assert _count(ort_fusion_report(plain).int8_ops, FUSED_DYNAMIC) == 0  # optimize_qdq=False: exported as is

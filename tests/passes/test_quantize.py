@@ -190,6 +190,15 @@ def test_mixed_precision_promotes_the_most_sensitive_layers_until_within_budget(
     assert len(promoted) == record.result.stats["promoted_by_sensitivity"] >= 1
     with torch.no_grad():
         assert rel_error(ir.gm(x), model(x)) < plain_err
+    from effopt.optimizer.quantization import freeze_weights
+
+    frozen = freeze_weights(copy.deepcopy(ir.gm))
+    layers = [m for m in frozen.modules() if isinstance(m, (QuantConv, QuantLinear))]
+    kept_float = [m for m in layers if not m.weight_quant.enabled]
+    assert len(kept_float) == (len(promoted) if higher == "float" else 0)
+    assert all(getattr(m, "weight_codes", None) is None for m in kept_float)  # float layers ship float weights
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), ir.gm(x))
 
 
 def _digits_ctx(train_epochs: int = 8) -> tuple[nn.Module, PassContext, DataSource]:
