@@ -30,6 +30,9 @@ def test_quantized_resnet_compiles_to_int8_onnx(tmp_path: Path) -> None:
     assert "int8: " in onnx_entry["note"] and "QLinearConv" in onnx_entry["note"] and "float: none" in onnx_entry["note"]
     pt2_entry = next(a for a in report["artefacts"] if a["file"] == "model.pt2")
     assert "quantize/dequantize reference ops" in pt2_entry["note"]
+    int8_entry = next(a for a in report["artefacts"] if a["file"] == "model_int8.pt")
+    assert int8_entry["note"].startswith("x86 int8 kernels (fbgemm) via TorchScript") and int8_entry["passed"]
+    assert "model_int8.pt runs the same model" in pt2_entry["note"]
     assert report["verification"]["gating"] is False  # lossy: tolerances inform, goals decide
     proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)

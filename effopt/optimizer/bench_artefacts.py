@@ -94,6 +94,11 @@ def run_bench(
         runners["model.pt2"] = pt2_runner(pt2)
         optimized_ir = _ir_of(torch.export.load(str(pt2)).module(), specs, make_inputs)
         irs["model.pt2"] = irs["model.onnx (onnxruntime)"] = optimized_ir
+    int8_path = folder / "model_int8.pt"
+    if int8_path.is_file():
+        runners["model_int8.pt (torch int8)"] = eager_runner(torch.jit.load(str(int8_path)))
+        if "model.pt2" in irs:
+            irs["model_int8.pt (torch int8)"] = irs["model.pt2"]
     if onnx_path.is_file():
         runners["model.onnx (onnxruntime)"] = onnxruntime_runner(onnx_path, threads)
     if len(runners) < 2 and original is None:

@@ -8,6 +8,7 @@ which step and which input broke.
 from __future__ import annotations
 
 import copy
+import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from effopt.optimizer.pass_manager import PassRecord, run_passes
 from effopt.optimizer.planner import make_plan
 from effopt.optimizer.quantization import FakeQuant, freeze_weights
 from effopt.optimizer.report import ArtefactInfo, GoalCheck, PlanLine, Prediction, Report, StageEvaluation
+from effopt.optimizer.torch_int8 import Unsupported, int8_summary, lower_to_torch_int8, save_torchscript
 from effopt.optimizer.trace import trace_module
 from effopt.optimizer.verify import OutputAgreement, compare, random_batches, verify
 from effopt.passes import REGISTRY
@@ -247,7 +249,7 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     if emit:
         out = Path(output_dir) if output_dir is not None else loaded.resolve(r.output.dir)
         try:
-            report = _emit(out, report, ir, r, integer.program if integer is not None else None)
+            report = _emit(out, report, ir, r, integer.program if integer is not None else None, profile)
         except EmitError as e:
             if not r.model.leaf_modules:
                 raise
@@ -262,7 +264,7 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
 def evaluate_artefacts(
     recipe: str | Path | Recipe | LoadedRecipe | dict, artefact_dir: str | Path | None = None
 ) -> list[StageEvaluation]:
-    """Score the original model and each emitted artefact (model.pt2, model.onnx) on ``data.eval``.
+    """Score the original model and each emitted artefact (model.pt2, model_int8.pt, model.onnx) on ``data.eval``.
 
     ``artefact_dir`` defaults to the recipe's ``output.dir``; artefacts that are not
     there are left out. Agreement is always measured against the original model.
@@ -283,6 +285,12 @@ def evaluate_artefacts(
     if pt2.is_file():
         program = torch.export.load(str(pt2)).module()
         stages.append(StageEvaluation(f"{pt2.name} (torch.export)", evaluate(program, eval_data, task, reference=model)))
+    int8_path = folder / "model_int8.pt"
+    if int8_path.is_file():
+        int8_module = torch.jit.load(str(int8_path))
+        stages.append(StageEvaluation(
+            f"{int8_path.name} (torch x86 int8, TorchScript)", evaluate(int8_module, eval_data, task, reference=model)
+        ))
     if onnx_path.is_file():
         stages.append(StageEvaluation(
             f"{onnx_path.name} (onnxruntime)", evaluate(onnx_callable(onnx_path), eval_data, task, reference=model)
@@ -357,7 +365,8 @@ def lower_for_integer_target(
     return IntegerLowering(program, goal, evaluation)
 
 
-def _emit(out: Path, report: Report, ir: IR, recipe: Recipe, program: IntegerProgram | None = None) -> Report:
+def _emit(out: Path, report: Report, ir: IR, recipe: Recipe, program: IntegerProgram | None = None,
+          profile: HardwareProfile | None = None) -> Report:
     """Write the artefacts named in ``output.formats`` (and an int-only target's C header) and the report, all or nothing."""
     artefacts: list[ArtefactInfo] = []
     check_batches = random_batches(ir.inputs, 2, recipe.verify.batch, recipe.seed + 2)
@@ -368,7 +377,16 @@ def _emit(out: Path, report: Report, ir: IR, recipe: Recipe, program: IntegerPro
             path = save_pt2(export_program(model, ir.inputs, ir.example_inputs), tmp / "model.pt2")
             reloaded = torch.export.load(str(path)).module()
             checks = compare(ir.gm, reloaded, check_batches, "pt2 reload", recipe.verify.rtol, recipe.verify.atol)
-            artefacts.append(replace(_info(path, "torch.export.load + outputs vs optimized model", checks), note=_pt2_note(model)))
+            int8 = _torch_int8(ir, profile) if quantized else None
+            int8_info = None
+            if int8 is not None and not isinstance(int8, Unsupported):
+                try:
+                    int8_info = _emit_torch_int8(int8, ir, tmp / "model_int8.pt", check_batches, recipe)
+                except EmitError as e:  # TorchScript refused it: the pt2 stays the PyTorch artefact
+                    int8 = Unsupported((str(e),))
+            note = _pt2_note(model, int8)
+            artefacts.append(replace(_info(path, "torch.export.load + outputs vs optimized model", checks), note=note))
+            artefacts += [int8_info] if int8_info is not None else []
         if "onnx" in recipe.output.formats:
             path = export_onnx(model, ir.example_inputs, [s.name for s in ir.inputs], [s.dynamic_batch for s in ir.inputs], tmp / "model.onnx")
             agreement = compare_onnx(path, ir.gm, check_batches, recipe.verify.rtol, max(recipe.verify.atol, 1e-5))
@@ -396,12 +414,55 @@ def _quantized(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuant) for m in model.modules())
 
 
-def _pt2_note(model: nn.Module) -> str:
+def _pt2_note(model: nn.Module, int8: nn.Module | Unsupported | None = None) -> str:
     if not _quantized(model):
         return ""
-    return ("int8 weights with quantize/dequantize reference ops (torch.ops.quantized_decomposed): exact "
-            "quantized semantics, but eager PyTorch runs them in float, slower than the float model; "
-            "use model.onnx for int8 speed")
+    reference = ("int8 weights with quantize/dequantize reference ops (torch.ops.quantized_decomposed): exact "
+                 "quantized semantics, but eager PyTorch runs them in float, slower than the float model; ")
+    if int8 is None:
+        return reference + "use model.onnx for int8 speed"
+    if isinstance(int8, Unsupported):
+        return reference + f"no torch int8 artefact ({int8.short()}); use model.onnx for int8 speed"
+    return reference + "model_int8.pt runs the same model on torch's x86 int8 kernels"
+
+
+def _x86_cpu(profile: HardwareProfile) -> bool:
+    """Whether the target is an x86 CPU (the only one torch's int8 kernels here are built for).
+
+    Profiles carry no ISA field yet: the shipped x86 profiles are named ``x86-*``, and a
+    measured ``host`` profile is this machine."""
+    if profile.kind != "cpu":
+        return False
+    if profile.name == "host":
+        return platform.machine().lower() in ("x86_64", "amd64")
+    return profile.name.startswith("x86")
+
+
+def _torch_int8(ir: IR, profile: HardwareProfile | None) -> nn.Module | Unsupported:
+    """The quantized model on torch's x86 int8 kernels, or why there is none (the report says which)."""
+    if profile is None or not _x86_cpu(profile) or profile.integer_only or not profile.supports("int8"):
+        name = profile.name if profile is not None else "unknown"
+        return Unsupported((f"target {name} is not an x86 CPU with int8 compute",))
+    return lower_to_torch_int8(ir.gm, ir.example_inputs)
+
+
+def _emit_torch_int8(lowered: nn.Module, ir: IR, path: Path, check_batches: list, recipe: Recipe) -> ArtefactInfo:
+    """Save ``model_int8.pt`` (TorchScript), reload it, and check it against the fake-quant model like model.onnx.
+
+    No sha256: the archive records some process history (see effopt.optimizer.torch_int8)."""
+    saved = save_torchscript(lowered, path, ir.example_inputs)
+    reloaded = torch.jit.load(str(saved.path))
+    checks = compare(ir.gm, reloaded, check_batches, "int8 TorchScript reload", recipe.verify.rtol,
+                     max(recipe.verify.atol, 1e-5))
+    worst_rel = max((c.max_rel_err for c in checks), default=0.0)
+    note = str(int8_summary(lowered))  # type: ignore[arg-type]
+    if saved.method != "script":
+        note += " (traced: torch.jit.script rejected a float op)"
+    return ArtefactInfo(
+        saved.path.name, saved.path.stat().st_size, None,
+        "torch.jit.load + torch int8 outputs within 5% of the output range of the fake-quant model",
+        max((c.max_abs_err for c in checks), default=0.0), worst_rel <= QUANTIZED_ARTEFACT_MAX_REL_ERR, note,
+    )
 
 
 def _onnx_note(path: Path, model: nn.Module) -> str:

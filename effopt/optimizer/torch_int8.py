@@ -20,8 +20,8 @@ Mapping (source graph → lowered graph; "FQ" is a `FakeQuant`, s/z its scale/ze
     add(FQ, FQ) ─[relu]─ FQ(s,z)          quantized::add / add_relu(a, b, s, z)
     mul(FQ, FQ) ─[relu]─ FQ(s,z)          quantized::mul / mul_relu(a, b, s, z)
     cat([FQ, ...]) ─ FQ(s,z)              quantized::cat(xs, dim, s, z)
-    avg/adaptive-avg pool ─ FQ            the quantized kernel when s,z equal the input's; else
-    mean, x + c, x * c (c a number) ─ FQ  dequantize → float op → quantize, exact (see below)
+    avg/adaptive-avg pool ─ FQ            the quantized kernel if s,z equal the input's, else:
+    mean, x + c, x * c (c a number) ─ FQ  dequantize → float op → quantize (exact; see below)
     max pool, flatten, view/reshape,      the same op on the quint8 tensor (keeps s, z)
     permute, dropout, split/getitem, ...
     FQ after a quint8 tensor              nothing if s,z are equal, else dequantize → quantize
@@ -30,7 +30,7 @@ Mapping (source graph → lowered graph; "FQ" is a `FakeQuant`, s/z its scale/ze
 Weights: effopt's integer codes (``quantize_values``, the same codes the Q/DQ pt2 and ONNX
 store) become a ``qint8`` tensor with the weight FakeQuant's per-channel (or per-tensor)
 scales and zero points (``torch._make_per_channel_quantized_tensor``); the bias stays float,
-as torch's quantized conv/linear expect (the kernel adds it at s_x·s_w).
+as torch's quantized conv/linear expect (fbgemm adds it in float while requantizing).
 
 Why the float detours: torch's quantized avg pools (and scalar add/mul) keep or rescale the
 *input's* s, z and round to an input code; requantizing that to a smaller output scale (a
@@ -53,7 +53,7 @@ What returns `Unsupported` (each reason names the node): float ops between quant
 (e.g. a gelu between two quantized convs; torch has no int8 kernel for it), layers the
 quantize pass kept in float (mixed precision, weight-only or dynamic mode), activation
 quantizers that are not 8-bit unsigned per tensor (the x86 kernels take ``quint8`` with
-codes 0..255), asymmetric weights, convs with non-zero padding modes or string padding,
+codes 0..255), asymmetric weights, convs padded other than with zeros or with string padding,
 transposed convs, a quantized result that reaches anything but its FakeQuant, and kernels
 that fail on the example inputs. Float ops before the first quantizer or after the last
 quantized op are fine: they run in float on dequantized values.
@@ -63,16 +63,23 @@ Serialization (torch 2.13): ``torch.export`` fails on the packed-weight script o
 artefact is TorchScript (``torch.jit.script`` of the lowered GraphModule, ``torch.jit.save``;
 ``torch.jit.trace`` where the script compiler rejects a float op copied from the user's code).
 Loading it needs only ``torch``; the packed weights are stored unpacked and repacked by the
-loading process's quantized engine (``x86`` by default on x86 CPUs). Bytes: the zip entries carry
-a fixed 1980 timestamp and the serialization id derives from the contents, so a fresh process
-saving the same model writes identical bytes (checked across processes). Within one process
-the archive also records history: its debug info names fx's generated-code key
-(``<eval_with_key>.N``, a process-wide counter), and TorchScript renames a class it compiled
-before with other constants (``___torch_mangle_N``). Naming the lowered class after a digest
-of its code and weights (`_content_digest`) and keeping submodules flat removes the common
-renames, not all of them: do not promise a sha256 of model_int8.pt (as for model.pt2). Both torch.jit and
-quantized tensors print deprecation warnings in torch 2.13 (pytorch/pytorch#184982): this path
-works today but is on its way out; the Q/DQ pt2 and ONNX paths are not.
+loading process's quantized engine (``x86`` by default on x86 CPUs).
+
+Bytes: the zip entries carry a fixed 1980 timestamp and the serialization id derives from the
+contents, so a fresh process saving the same model writes identical bytes (checked across
+processes). Within one process the archive also records history: its debug info names fx's
+generated-code key (``<eval_with_key>.N``, a process-wide counter), and TorchScript renames a
+class it compiled before with other constants (``___torch_mangle_N``). Naming the lowered
+class after a digest of its code and weights (`_content_digest`) and keeping submodules flat
+removes the common renames, not all: do not promise a sha256 of model_int8.pt (as for
+model.pt2).
+
+Both torch.jit and quantized tensors print deprecation warnings in torch 2.13
+(pytorch/pytorch#184982): this path works today but is on its way out. The non-deprecated
+route, AOTInductor with ``freezing`` on effopt's Q/DQ program, does select oneDNN int8 convs
+(``onednn.qconv_pointwise``, outputs equal to the fake-quant graph, ~20 s to compile) but ran
+ResNet-18 no faster than fp32 with torch at 1 thread (0.8x at batch 1, 1.0x at batch 32), so
+it is not used here.
 
 Example::
 
@@ -113,13 +120,13 @@ __all__ = [
     "TORCH_INT8_NOTE",
     "Int8Agreement",
     "Int8Summary",
+    "SavedTorchScript",
     "Unsupported",
     "int8_agreement",
     "int8_engine",
     "int8_summary",
     "lower_to_torch_int8",
     "quantized_engine",
-    "SavedTorchScript",
     "save_torchscript",
 ]
 
@@ -143,14 +150,19 @@ _CONV = {1: (nnq.Conv1d, nniq.ConvReLU1d), 2: (nnq.Conv2d, nniq.ConvReLU2d), 3: 
 class Unsupported:
     """Why a graph cannot run on torch's int8 kernels; one reason per offending node.
 
-    Example: ``Unsupported(("node 'gelu' (gelu) computes in float between quantized ops: ...",))``.
-    ``str()`` joins the reasons for a report note.
+    Example: ``Unsupported(("node 'gelu_quant' (FakeQuant) requantizes a value computed in float from
+    int8 values (float op gelu (gelu)): ...",))``. ``str()`` joins the reasons; `short` keeps a few.
     """
 
     reasons: tuple[str, ...]
 
     def __str__(self) -> str:
         return "; ".join(self.reasons)
+
+    def short(self, limit: int = 3) -> str:
+        """The first ``limit`` reasons and how many more, for a one-line report note."""
+        more = len(self.reasons) - limit
+        return "; ".join(self.reasons[:limit]) + (f" (and {more} more)" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -222,10 +234,11 @@ class _Q:
 
 @dataclass(frozen=True)
 class _F:
-    """A float tensor; ``after_int8`` lists the float ops since the last int8 values (empty before any)."""
+    """A float tensor; ``after_int8`` lists the float ops since the last int8 values, e.g.
+    ``("gelu (gelu)",)``; empty before any int8 value (the model's float head)."""
 
     node: fx.Node
-    after_int8: tuple[str, ...] = ()  # float ops since the last int8 values, e.g. ("gelu (gelu)",); () before any
+    after_int8: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
