@@ -342,6 +342,10 @@ def effopt_int8(case: Case, work: Path, threads: int, qat: bool) -> list[Variant
     if (out / "model.pt2").is_file():
         pt2 = out / "model.pt2"
         variants.append(Variant(label, "torch.export", pt2_runner(pt2), pt2.stat().st_size))
+    if (out / "model_int8.pt").is_file():  # x86 targets: the same model on torch's int8 kernels
+        int8 = out / "model_int8.pt"
+        variants.append(Variant(label, "torch int8 (TorchScript)", eager_runner(torch.jit.load(str(int8))),
+                                int8.stat().st_size))
     missing = f"compiled ({status}) but no model.onnx/model.pt2 in {out}"
     return variants or [Variant(label, "—", None, None, note=missing)]
 
