@@ -19,13 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from effopt.errors import RecipeError
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.ir import IR, InputSpec, facts
-from effopt.optimizer.pass_base import Pass, PassContext
+from effopt.optimizer.ir import IR, facts
+from effopt.optimizer.pass_base import PassContext
 from effopt.optimizer.pass_manager import PassRecord, run_passes
-from effopt.optimizer.trace import trace_module
-from effopt.recipes.loading import parse_recipe
 from examples.digits import DigitsNet
+from tests.passes.helpers import build_ir, recipe_passes
 from tests.models import ZOO, randomize_bn, seeded
 
 _NO_OP_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
@@ -35,24 +33,6 @@ _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def recipe_passes(*entries: object) -> tuple[Pass, ...]:
-    """The passes a recipe with ``passes: [*entries]`` builds (validator path, as users take it)."""
-    recipe = {
-        "version": 1,
-        "model": {"factory": "tests.models:mlp"},
-        "inputs": [{"name": "x", "shape": [1, 64]}],
-        "passes": list(entries),
-    }
-    return parse_recipe(recipe).passes
-
-
-def build_ir(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> IR:
-    """Trace (unless already a GraphModule) and annotate ``model`` on a seeded example input."""
-    specs = (InputSpec("x", tuple(shape)),)
-    generator = torch.Generator().manual_seed(seed)
-    examples = tuple(s.example(generator) for s in specs)
-    gm = model if isinstance(model, fx.GraphModule) else trace_module(model)
-    return annotate(IR(gm, specs, examples))
 
 
 def eliminate(ir: IR) -> tuple[IR, PassRecord]:

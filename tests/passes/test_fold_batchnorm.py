@@ -22,15 +22,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from effopt.errors import IRError, RecipeError
-from effopt.optimizer.analysis import annotate
 from effopt.optimizer.data import sklearn_digits
-from effopt.optimizer.ir import IR, InputSpec, facts
-from effopt.optimizer.pass_base import Pass, PassContext
+from effopt.optimizer.ir import IR, facts
+from effopt.optimizer.pass_base import PassContext
 from effopt.optimizer.pass_manager import PassRecord, run_passes
-from effopt.optimizer.trace import trace_module
 from effopt.passes.fold_batchnorm import fold_bn_into_weights
-from effopt.recipes.loading import parse_recipe
 from examples.digits import DigitsNet
+from tests.passes.helpers import build_ir, recipe_passes
 from tests.models import ZOO, randomize_bn, seeded
 
 RTOL = 1e-5
@@ -42,23 +40,6 @@ DIGITS_CHECKPOINT = REPO_ROOT / "recipes" / "checkpoints" / "digits.pt"
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def recipe_passes(*entries: object) -> tuple[Pass, ...]:
-    """The passes a recipe with ``passes: [*entries]`` builds (validator path, as users take it)."""
-    recipe = {
-        "version": 1,
-        "model": {"factory": "tests.models:mlp"},
-        "inputs": [{"name": "x", "shape": [1, 64]}],
-        "passes": list(entries),
-    }
-    return parse_recipe(recipe).passes
-
-
-def build_ir(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> IR:
-    """Trace and annotate ``model`` the way the compiler does (seeded example input)."""
-    specs = (InputSpec("x", tuple(shape)),)
-    generator = torch.Generator().manual_seed(seed)
-    examples = tuple(s.example(generator) for s in specs)
-    return annotate(IR(trace_module(model), specs, examples))
 
 
 def fold(ir: IR) -> tuple[IR, PassRecord]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,13 +20,11 @@ from effopt.optimizer.pass_base import PassContext
 from effopt.optimizer.pass_manager import run_passes
 from effopt.optimizer.quantization import FakeQuant, QuantConv, QuantLinear
 from effopt.optimizer.trace import trace_module
-from effopt.recipes import parse_recipe
 from tests.models import ZOO, make_input
+from tests.passes.helpers import recipe_passes
 
 
-def passes(*specs: object):
-    recipe = {"version": 1, "model": {"factory": "m:f"}, "inputs": [{"name": "x", "shape": [1]}], "passes": list(specs)}
-    return parse_recipe(recipe).passes
+passes = recipe_passes
 
 
 def random_source(shape: tuple[int, ...], n: int = 64, seed: int = 0) -> DataSource:
@@ -42,7 +39,7 @@ def build(name: str) -> tuple[nn.Module, IR]:
     return model, ir
 
 
-def fake_quants(ir: IR) -> list[fx_node]:  # noqa: F821 - a list of fx nodes
+def fake_quants(ir: IR) -> list[torch.fx.Node]:
     return [n for n in ir.gm.graph.nodes if n.op == "call_module" and isinstance(ir.gm.get_submodule(str(n.target)), FakeQuant)]
 
 
