@@ -22,7 +22,7 @@ import torch
 
 import effopt
 from effopt.errors import EmitError
-from effopt.optimizer import compiler
+from effopt.optimizer import artefacts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ["model.onnx", "model.pt2", "report.json", "report.md"]
@@ -186,7 +186,7 @@ def test_failed_emission_leaves_the_existing_output_untouched(tmp_path: Path, mo
         seen_in_tmp.append(sorted(p.name for p in Path(path).parent.iterdir()))
         raise EmitError("simulated ONNX export failure")
 
-    monkeypatch.setattr(compiler, "export_onnx", failing_export)
+    monkeypatch.setattr(artefacts, "export_onnx", failing_export)
 
     with pytest.raises(EmitError, match="simulated"):
         effopt.compile(recipe, output_dir=out)

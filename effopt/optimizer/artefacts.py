@@ -1,0 +1,199 @@
+"""Artefacts of a compile: model.pt2, model_int8.pt, model.onnx, model.h and the report, written atomically.
+
+Each artefact is checked as it is written (reloaded and compared with the optimized
+model), and the report says what runs inside it: float ops, torch's reference
+quantize/dequantize ops, torch's x86 int8 kernels, or onnxruntime's int8 kernels.
+For an integer-only target the quantized graph is also lowered to an integer
+program, checked bit for bit and scored (`lower_for_integer_target`).
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from effopt.errors import EmitError, PassError
+from effopt.hardware_profiles import HardwareProfile
+from effopt.optimizer.c_header import write_c_header
+from effopt.optimizer.data import DataSource
+from effopt.optimizer.emit import atomic_dir, export_program, save_pt2, sha256
+from effopt.optimizer.emit_onnx import compare_onnx, export_onnx
+from effopt.optimizer.evaluate import Task, evaluate
+from effopt.optimizer.integer_lowering import IntegerExecutor, IntegerProgram, lower_to_integer, reference_integer_model
+from effopt.optimizer.ir import IR
+from effopt.optimizer.quantization import FakeQuant, freeze_weights
+from effopt.optimizer.report import ArtefactInfo, GoalCheck, Report, StageEvaluation
+from effopt.optimizer.torch_int8 import Unsupported, int8_summary, lower_to_torch_int8, save_torchscript
+from effopt.optimizer.verify import OutputAgreement, compare, random_batches
+from effopt.recipes.schema import Recipe
+
+QUANTIZED_ARTEFACT_MAX_REL_ERR = 0.05
+"""How far a quantized artefact may drift from torch's fake-quant model, relative to the output's range:
+onnxruntime's int8 kernels requantize with their own rounding at every layer, and in a deep network
+(ResNet-18: 0.05–0.25 abs on logits of range ~5) those one-step differences add up."""
+
+
+@dataclass(frozen=True)
+class IntegerLowering:
+    """An int-only target's integer program, whether it checks out, and its accuracy."""
+
+    program: IntegerProgram | None
+    goal: GoalCheck
+    evaluation: StageEvaluation | None
+
+
+def lower_for_integer_target(
+    ir: IR, profile: HardwareProfile, original: nn.Module, eval_data: DataSource | None, task: Task | None, seed: int
+) -> IntegerLowering:
+    """Lower the quantized graph to integers, check the NumPy executor against the torch integer
+    reference bit for bit on random inputs, and score the executor on the eval data."""
+    try:
+        program = lower_to_integer(ir.gm, ir.example_inputs, accumulator_bits=profile.accumulator_bits)
+    except PassError as e:
+        return IntegerLowering(None, GoalCheck("integer_program", 1.0, 0.0, False, str(e)), None)
+    executor, reference = IntegerExecutor(program), reference_integer_model(program)
+    mismatches = 0
+    for batch in random_batches(ir.inputs, 2, 8, seed + 3):
+        codes = program.quantize_inputs(*batch)
+        ours = executor.run(*codes)
+        with torch.no_grad():
+            theirs = reference(*(torch.from_numpy(c) for c in codes))
+        theirs = theirs if isinstance(theirs, (tuple, list)) else (theirs,)
+        mismatches += sum(int((a != np.asarray(b)).sum()) for a, b in zip(ours, theirs))
+    goal = GoalCheck(
+        "integer_program", 1.0, 1.0 if mismatches == 0 else 0.0, mismatches == 0,
+        f"{len(program.ops)} integer ops; NumPy executor == torch integer reference on random inputs"
+        if mismatches == 0 else f"NumPy executor differs from the torch integer reference in {mismatches} outputs",
+    )
+    evaluation = None
+    if eval_data is not None and task is not None:
+
+        def run_float(*xs: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(executor.run_float(*xs)[0]))
+
+        evaluation = StageEvaluation("integer program (NumPy executor)", evaluate(run_float, eval_data, task, reference=original))
+    return IntegerLowering(program, goal, evaluation)
+
+
+def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, program: IntegerProgram | None = None,
+          profile: HardwareProfile | None = None) -> Report:
+    """Write the artefacts named in ``output.formats`` (and an int-only target's C header) and the report, all or nothing."""
+    artefacts: list[ArtefactInfo] = []
+    check_batches = random_batches(ir.inputs, 2, recipe.verify.batch, recipe.seed + 2)
+    model = freeze_weights(copy.deepcopy(ir.gm)).eval()  # quantized layers store int8 weights in artefacts
+    quantized = _quantized(model)
+    with atomic_dir(out) as tmp:
+        if "pt2" in recipe.output.formats:
+            path = save_pt2(export_program(model, ir.inputs, ir.example_inputs), tmp / "model.pt2")
+            reloaded = torch.export.load(str(path)).module()
+            checks = compare(ir.gm, reloaded, check_batches, "pt2 reload", recipe.verify.rtol, recipe.verify.atol)
+            int8 = _torch_int8(ir, profile) if quantized else None
+            int8_info = None
+            if int8 is not None and not isinstance(int8, Unsupported):
+                try:
+                    int8_info = _emit_torch_int8(int8, ir, tmp / "model_int8.pt", check_batches, recipe)
+                except EmitError as e:  # TorchScript refused it: the pt2 stays the PyTorch artefact
+                    int8 = Unsupported((str(e),))
+            note = _pt2_note(model, int8)
+            artefacts.append(replace(_info(path, "torch.export.load + outputs vs optimized model", checks), note=note))
+            artefacts += [int8_info] if int8_info is not None else []
+        if "onnx" in recipe.output.formats:
+            path = export_onnx(model, ir.example_inputs, [s.name for s in ir.inputs], [s.dynamic_batch for s in ir.inputs], tmp / "model.onnx")
+            agreement = compare_onnx(path, ir.gm, check_batches, recipe.verify.rtol, max(recipe.verify.atol, 1e-5))
+            ok = agreement.max_rel_err <= QUANTIZED_ARTEFACT_MAX_REL_ERR if quantized else agreement.passed
+            check = ("onnx.checker + onnxruntime int8 outputs within 5% of the output range of the fake-quant model"
+                     if quantized else "onnx.checker + onnxruntime outputs vs optimized model")
+            artefacts.append(
+                ArtefactInfo("model.onnx", path.stat().st_size, sha256(path), check,
+                             agreement.max_abs_err, ok, _onnx_note(path, model))
+            )
+        if program is not None:
+            header = tmp / "model.h"
+            header.write_text(write_c_header(program, "effopt_model"))
+            artefacts.append(ArtefactInfo(
+                "model.h", header.stat().st_size, sha256(header), "integer program checked bit-exact (see goals)",
+                None, True, f"int8 weights, int32 biases, fixed-point multipliers and shifts for {len(program.ops)} ops",
+            ))
+        report = replace(report, artefacts=tuple(artefacts))
+        (tmp / "report.json").write_text(report.to_json())
+        (tmp / "report.md").write_text(report.to_markdown())
+    return report
+
+
+def _quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, FakeQuant) for m in model.modules())
+
+
+def _pt2_note(model: nn.Module, int8: nn.Module | Unsupported | None = None) -> str:
+    if not _quantized(model):
+        return ""
+    reference = ("int8 weights with quantize/dequantize reference ops (torch.ops.quantized_decomposed): exact "
+                 "quantized semantics, but eager PyTorch runs them in float, slower than the float model; ")
+    if int8 is None:
+        return reference + "use model.onnx for int8 speed"
+    if isinstance(int8, Unsupported):
+        return reference + f"no torch int8 artefact ({int8.short()}); use model.onnx for int8 speed"
+    return reference + "model_int8.pt runs the same model on torch's x86 int8 kernels"
+
+
+def _x86_cpu(profile: HardwareProfile) -> bool:
+    """Whether the target is an x86 CPU (the only one torch's int8 kernels here are built for).
+
+    Profiles carry no ISA field yet: the shipped x86 profiles are named ``x86-*``, and a
+    measured ``host`` profile is this machine."""
+    if profile.kind != "cpu":
+        return False
+    if profile.name == "host":
+        return platform.machine().lower() in ("x86_64", "amd64")
+    return profile.name.startswith("x86")
+
+
+def _torch_int8(ir: IR, profile: HardwareProfile | None) -> nn.Module | Unsupported:
+    """The quantized model on torch's x86 int8 kernels, or why there is none (the report says which)."""
+    if profile is None or not _x86_cpu(profile) or profile.integer_only or not profile.supports("int8"):
+        name = profile.name if profile is not None else "unknown"
+        return Unsupported((f"target {name} is not an x86 CPU with int8 compute",))
+    return lower_to_torch_int8(ir.gm, ir.example_inputs)
+
+
+def _emit_torch_int8(lowered: nn.Module, ir: IR, path: Path, check_batches: list, recipe: Recipe) -> ArtefactInfo:
+    """Save ``model_int8.pt`` (TorchScript), reload it, and check it against the fake-quant model like model.onnx.
+
+    No sha256: the archive records some process history (see effopt.optimizer.torch_int8)."""
+    saved = save_torchscript(lowered, path, ir.example_inputs)
+    reloaded = torch.jit.load(str(saved.path))
+    checks = compare(ir.gm, reloaded, check_batches, "int8 TorchScript reload", recipe.verify.rtol,
+                     max(recipe.verify.atol, 1e-5))
+    worst_rel = max((c.max_rel_err for c in checks), default=0.0)
+    note = str(int8_summary(lowered))  # type: ignore[arg-type]
+    if saved.method != "script":
+        note += " (traced: torch.jit.script rejected a float op)"
+    return ArtefactInfo(
+        saved.path.name, saved.path.stat().st_size, None,
+        "torch.jit.load + torch int8 outputs within 5% of the output range of the fake-quant model",
+        max((c.max_abs_err for c in checks), default=0.0), worst_rel <= QUANTIZED_ARTEFACT_MAX_REL_ERR, note,
+    )
+
+
+def _onnx_note(path: Path, model: nn.Module) -> str:
+    """For a quantized model: what onnxruntime actually built from the QDQ graph (int8 kernels vs float)."""
+    if not _quantized(model):
+        return ""
+    from effopt.optimizer.onnx_quant import ort_fusion_report
+
+    return f"QDQ graph; onnxruntime's optimized graph: {ort_fusion_report(path).summary()}"
+
+
+def _info(path: Path, check: str, checks: list[OutputAgreement]) -> ArtefactInfo:
+    """A pt2 artefact's entry; no sha256, as torch.export.save writes a random serialization id."""
+    err = max((c.max_abs_err for c in checks), default=0.0)
+    ok = all(c.within_tolerance for c in checks)
+    if not path.is_file():
+        raise EmitError(f"{path.name} was not written")
+    return ArtefactInfo(path.name, path.stat().st_size, None, check, err, ok)
