@@ -66,7 +66,6 @@ import copy
 import io
 import logging
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -91,6 +90,7 @@ from torch import nn  # noqa: E402
 import effopt  # noqa: E402
 import effopt.passes  # noqa: E402
 from benchmarks import cifar_models  # noqa: E402
+from effopt.hardware_profiles.host import cpu_name  # noqa: E402
 from effopt.optimizer.bench import (  # noqa: E402
     LatencyStats,
     bench_runtimes,
@@ -550,20 +550,11 @@ def header(args: argparse.Namespace, all_stats: list[LatencyStats]) -> str:
     spreads = [s.p90_s / s.p50_s - 1 for s in all_stats if s.p50_s > 0 and not math.isnan(s.p50_s)]
     spread = (f"spread (p90/p50 − 1) median {100 * statistics.median(spreads):.0f}%, max {100 * max(spreads):.0f}%"
               if spreads else "spread n/a")
-    cpu = _cpu_name()
+    cpu = cpu_name()
     return (f"torch {torch.__version__} (quantized engine x86) | onnxruntime {ort.__version__} | "
             f"{cpu} | threads {args.threads} | warm-up {args.warmup} + {args.runs} interleaved runs per "
             f"(variant, batch), p50 | {spread}" + (" | QUICK mode: reduced widths and runs" if args.quick else ""))
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _progress(message: str) -> None:

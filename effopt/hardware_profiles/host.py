@@ -210,7 +210,8 @@ def _dram_capacity_bytes() -> int:
         return 2**34  # 16 GiB: only used when the OS will not say
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (for profile descriptions and benchmark headers)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -338,7 +339,7 @@ def measure_host_details(
         MemoryLevel(name=name, bandwidth_bytes_per_s=_sig4(cache_bw[name]), capacity_bytes=nbytes, holds="both", cache=True)
         for name, nbytes in caches
     ]
-    cpu = _cpu_name()
+    cpu = cpu_name()
     cpus = os.cpu_count() or 1
     profile = HardwareProfile(
         version=SCHEMA_VERSION,
