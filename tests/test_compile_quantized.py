@@ -13,9 +13,9 @@ import effopt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quantized_resnet_compiles_to_int8_onnx(tmp_path: Path) -> None:
+def _resnet_recipe(tmp_path: Path) -> dict:
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32))
-    recipe = {
+    return {
         "version": 1,
         "model": {"factory": "tests.models:resnet_style", "pythonpath": [str(ROOT)]},
         "inputs": [{"name": "x", "shape": [1, 3, 16, 16]}],
@@ -23,11 +23,15 @@ def test_quantized_resnet_compiles_to_int8_onnx(tmp_path: Path) -> None:
         "data": {"calibration": str(tmp_path / "calib.npz")},
         "output": {"formats": ["pt2", "onnx"]},
     }
-    result = effopt.compile(recipe, output_dir=tmp_path / "out")
+
+
+def test_quantized_resnet_compiles_to_int8_onnx(tmp_path: Path) -> None:
+    result = effopt.compile(_resnet_recipe(tmp_path), output_dir=tmp_path / "out")
     assert result.passed, result.report.failures()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     onnx_entry = next(a for a in report["artefacts"] if a["file"] == "model.onnx")
     assert "int8: " in onnx_entry["note"] and "QLinearConv" in onnx_entry["note"] and "float: none" in onnx_entry["note"]
+    assert "x the fake-quant model's" in onnx_entry["note"] and onnx_entry["passed"]
     pt2_entry = next(a for a in report["artefacts"] if a["file"] == "model.pt2")
     assert "quantize/dequantize reference ops" in pt2_entry["note"]
     int8_entry = next(a for a in report["artefacts"] if a["file"] == "model_int8.pt")
@@ -61,3 +65,29 @@ def test_mixed_precision_uses_the_recipes_accuracy_budget_on_eval_data(tmp_path:
     assert quant.result.stats["promoted_by_sensitivity"] >= 1  # 2-bit everywhere loses far more than 1 point
     goal = next(g for g in result.report.goals if g.goal == "max_accuracy_drop")
     assert goal.passed, goal.detail
+
+
+def test_a_lowering_defect_in_the_onnx_file_fails_the_compile(tmp_path: Path, monkeypatch) -> None:
+    """One layer's weight scales 1.5x too large: onnxruntime still runs int8, but it is another model."""
+    from onnx import numpy_helper
+
+    from effopt.optimizer import artefacts
+
+    def broken_export(*args, **kwargs) -> Path:
+        path = real_export(*args, **kwargs)
+        model = onnx.load(str(path))
+        inits = {i.name: i for i in model.graph.initializer}
+        weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                     and numpy_helper.to_array(inits[n.input[0]]).ndim == 4]
+        scale = inits[weight_dq[len(weight_dq) // 2].input[1]]
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+        onnx.save(model, str(path))
+        return path
+
+    real_export = artefacts.export_onnx
+    monkeypatch.setattr(artefacts, "export_onnx", broken_export)
+    result = effopt.compile(_resnet_recipe(tmp_path) | {"output": {"formats": ["onnx"]}}, output_dir=tmp_path / "out")
+    assert not result.passed
+    entry = next(a for a in result.report.artefacts if a.file == "model.onnx")
+    assert not entry.passed and "limit 1.25x" in entry.note, entry.note
+    assert any("model.onnx" in f for f in result.report.failures())

@@ -242,7 +242,7 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     if emit:
         out = Path(output_dir) if output_dir is not None else loaded.resolve(r.output.dir)
         try:
-            report = emit_artefacts(out, report, ir, r, integer.program if integer is not None else None, profile)
+            report = emit_artefacts(out, report, ir, r, model, integer.program if integer is not None else None, profile)
         except EmitError as e:
             if not r.model.leaf_modules:
                 raise

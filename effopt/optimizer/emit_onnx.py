@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +154,21 @@ def run_onnx(path: Path, inputs: Sequence[np.ndarray], threads: int = 1) -> list
         EmitError: onnxruntime cannot load the file or run it on these inputs.
     """
     return _run_session(open_session(path, threads), inputs, path)
+
+
+def onnx_runner(path: Path, threads: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """One session on ``path`` as a function from torch inputs to the tuple of torch outputs.
+
+    Raises:
+        EmitError: onnxruntime cannot load the file (now) or run it on the inputs (when called).
+    """
+    session = open_session(path, threads)
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = _run_session(session, [_to_numpy(t) for t in inputs], path)
+        return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outputs)
+
+    return run
 
 
 def compare_onnx(
