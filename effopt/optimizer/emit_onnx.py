@@ -137,7 +137,7 @@ def export_onnx(
         model = _optimize_qdq(model, where)
     if dynamic_weights:
         model = _dynamic_quantize(model, dynamic_weights, where)
-    model = _strip_debug_info(model)
+    model = _compact(_strip_debug_info(model))
     data = _serialize(model, where)
     _check_model(data, where=f"{where} -> {path}")
     return _write_atomic(data, path)
@@ -517,6 +517,44 @@ def _strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
     stripped = _copy(model)
     _strip_message(stripped)
     return stripped
+
+
+def _compact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without what every consumer re-derives, so the shipped file holds weights, not bookkeeping.
+
+    Dropped: attributes equal to their schema default (the exporter spells out
+    ``auto_pad="NOTSET"``, ``group=1``, ``alpha=1.0``, ...) and ``value_info`` of
+    intermediate tensors (onnxruntime infers shapes itself). On the int8 digits net this is
+    ~2 KB of 25 KB, next to 17 KB of int8 weights. Graph inputs/outputs keep their shapes.
+    """
+    compacted = _copy(model)
+    graph = compacted.graph
+    opset = next((o.version for o in compacted.opset_import if o.domain in ("", "ai.onnx")), None)
+    for node in graph.node:
+        _drop_default_attributes(node, opset)
+    del graph.value_info[:]
+    return compacted
+
+
+def _drop_default_attributes(node: onnx.NodeProto, opset: int | None) -> None:
+    """Remove ``node``'s attributes whose value equals the operator schema's default (in place)."""
+    if opset is None or node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return
+    keep = []
+    for attribute in node.attribute:
+        spec = schema.attributes.get(attribute.name)
+        default = spec.default_value if spec is not None else None
+        is_default = (default is not None and default.type == attribute.type
+                      and onnx.helper.get_attribute_value(default) == onnx.helper.get_attribute_value(attribute))
+        if not is_default:
+            keep.append(attribute)
+    if len(keep) != len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(keep)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -352,6 +352,24 @@ def test_strip_removes_source_paths() -> None:
     assert _node_count(stripped) == _node_count(raw)
 
 
+def test_export_writes_no_default_attributes_and_no_intermediate_shapes(exported: dict[str, tuple[Case, Path]]) -> None:
+    """Bookkeeping every consumer re-derives is not shipped; inputs and outputs keep their shapes."""
+    for _, path in exported.values():
+        model = onnx.load(str(path))
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        assert not model.graph.value_info
+        assert all(v.type.tensor_type.shape.dim for v in model.graph.input)
+        for node in model.graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+            for attribute in node.attribute:
+                default = schema.attributes[attribute.name].default_value
+                if default.type == attribute.type:
+                    assert onnx.helper.get_attribute_value(default) != onnx.helper.get_attribute_value(attribute), (
+                        f"{node.name}.{attribute.name} equals its default")
+
+
 def test_two_exports_are_byte_identical(tmp_path: Path, exported: dict[str, tuple[Case, Path]]) -> None:
     # setup: a freshly built, identical model (same seed)
     case = two_in_two_out()

@@ -28,6 +28,7 @@ from effopt.optimizer.onnx_quant import (
     PASS_THROUGH_KINDS,
     TIED_QPARAMS_KINDS,
     activation_fuses,
+    drop_conv_weight_zero_points,
     fold_weight_quantization,
     fold_weight_quantization_detailed,
     ort_fusion_report,
@@ -367,6 +368,26 @@ def test_mean_rewrite_makes_the_pool_int8(good_onnx: Path, inputs: np.ndarray) -
     report = ort_fusion_report(path)
     assert report.float_compute_ops == () and "QLinearGlobalAveragePool" in dict(report.int8_ops)
     np.testing.assert_allclose(_run(rewritten, inputs), _run(folded, inputs), rtol=0, atol=0.05)
+
+
+def test_conv_weights_lose_their_zero_points_and_still_fuse(good_onnx: Path, inputs: np.ndarray, tmp_dir: Path) -> None:
+    folded = reduce_mean_to_global_pool(fold_weight_quantization(onnx.load(good_onnx), quantize_bias=True))
+    dropped = drop_conv_weight_zero_points(folded)
+    readers = {name: n.op_type for n in dropped.graph.node for name in n.input}
+    inits = {i.name for i in dropped.graph.initializer}
+    weight_dq = [n for n in dropped.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and n.output[0] in readers and readers[n.output[0]] in ("Conv", "Gemm")
+                 and not n.input[0].endswith("int32")]
+    assert {readers[n.output[0]] for n in weight_dq} == {"Conv", "Gemm"}  # precondition: both kinds present
+    for n in weight_dq:  # Conv: no zero point; Gemm keeps its own (onnxruntime needs it for QGemm)
+        assert len(n.input) == (2 if readers[n.output[0]] == "Conv" else 3), n.name
+    assert dropped.ByteSize() < folded.ByteSize()
+    onnx.checker.check_model(dropped, full_check=True)
+    path = tmp_dir / "no_zero_points.onnx"
+    onnx.save(dropped, path)
+    report = ort_fusion_report(path)
+    assert report.float_compute_ops == () and "QGemm" in dict(report.int8_ops)
+    np.testing.assert_array_equal(_run(dropped, inputs), _run(folded, inputs))
 
 
 # --- ort_fusion_report --------------------------------------------------------------------------
