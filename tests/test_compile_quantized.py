@@ -91,3 +91,22 @@ def test_a_lowering_defect_in_the_onnx_file_fails_the_compile(tmp_path: Path, mo
     entry = next(a for a in result.report.artefacts if a.file == "model.onnx")
     assert not entry.passed and "limit 1.25x" in entry.note, entry.note
     assert any("model.onnx" in f for f in result.report.failures())
+
+
+def test_the_torch_int8_artefact_follows_the_profiles_arch(tmp_path: Path) -> None:
+    """model_int8.pt only for an x86_64 CPU; a CPU profile that does not say its arch gets a reason, not a guess."""
+    import yaml
+
+    from effopt.hardware_profiles import load_profile
+
+    shipped = load_profile("x86-avx2").model_dump(mode="json", exclude_none=True)
+    shipped.pop("arch")
+    (tmp_path / "anon-cpu.yaml").write_text(yaml.safe_dump(shipped | {"name": "anon-cpu"}))
+    for target, expected in [("anon-cpu.yaml", "does not name its arch"), ("arm-cortex-a", "not an x86_64 CPU")]:
+        out = tmp_path / target
+        recipe = _resnet_recipe(tmp_path) | {"target": str(tmp_path / target) if target.endswith(".yaml") else target,
+                                             "output": {"formats": ["pt2"]}}
+        result = effopt.compile(recipe, output_dir=out)
+        assert not (out / "model_int8.pt").exists()
+        pt2 = next(a for a in result.report.artefacts if a.file == "model.pt2")
+        assert expected in pt2.note, pt2.note

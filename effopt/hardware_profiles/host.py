@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from effopt.errors import ProfileError
-from effopt.hardware_profiles.schema import SCHEMA_VERSION, HardwareProfile, MemoryLevel, PeakFlopsPerS
+from effopt.hardware_profiles.schema import SCHEMA_VERSION, Arch, HardwareProfile, MemoryLevel, PeakFlopsPerS
 
 __all__ = [
     "HALF_PRECISION_FLOOR",
@@ -210,6 +210,12 @@ def _dram_capacity_bytes() -> int:
         return 2**34  # 16 GiB: only used when the OS will not say
 
 
+def host_arch() -> Arch | None:
+    """This machine's instruction-set family as a profile names it, or None if it is none of them."""
+    machine = platform.machine().lower()
+    return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(machine)  # type: ignore[return-value]
+
+
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (for profile descriptions and benchmark headers)."""
     try:
@@ -349,6 +355,7 @@ def measure_host_details(
             f"profile-host with torch {torch.__version__}{' (quick)' if quick else ''}"
         ),
         kind="cpu",
+        arch=host_arch(),
         peak_flops_per_s=PeakFlopsPerS(**peaks),
         integer_only=False,
         memory=tuple(memory),
@@ -431,6 +438,9 @@ def profile_to_yaml(profile: HardwareProfile, notes: Sequence[str] = ()) -> str:
         f"name: {_quoted(profile.name)}",
         f"description: {_quoted(profile.description)}",
         f"kind: {profile.kind}",
+    ]
+    lines += [f"arch: {profile.arch}"] if profile.arch is not None else []
+    lines += [
         "peak_flops_per_s:",
     ]
     lines += [f"  {d}: {_number(profile.peak(d))}" for d in profile.supported_dtypes]

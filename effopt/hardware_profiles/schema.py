@@ -33,6 +33,9 @@ DTYPES: tuple[DType, ...] = get_args(DType)
 FLOAT_DTYPES: tuple[DType, ...] = ("fp32", "tf32", "fp16", "bf16")
 INT_DTYPES: tuple[DType, ...] = ("int8", "int4")
 
+Arch = Literal["x86_64", "aarch64", "armv7e-m", "cuda"]
+"""Instruction-set families a profile can name (`HardwareProfile.arch`)."""
+
 _Positive = Annotated[float, Field(gt=0)]
 
 
@@ -132,6 +135,14 @@ class HardwareProfile(BaseModel):
         min_length=1, description="One line saying which device this describes."
     )
     kind: Literal["gpu", "cpu", "mcu"] = Field(description="Device class: 'gpu', 'cpu' or 'mcu'.")
+    arch: Arch | None = Field(
+        None,
+        description=(
+            "Instruction-set family: 'x86_64', 'aarch64', 'armv7e-m' (Cortex-M4/M7) or 'cuda'. "
+            "It decides which runtime's int8 kernels an artefact can target (model_int8.pt is built "
+            "on torch's x86 kernels, so it needs 'x86_64'); left out, no such artefact is written."
+        ),
+    )
     peak_flops_per_s: PeakFlopsPerS = Field(
         description=(
             "Dense peak per dtype (ints as ops/s, 1 MAC = 2 ops). The keys given are the dtypes "

@@ -10,7 +10,6 @@ program, checked bit for bit and scored (`lower_for_integer_target`).
 from __future__ import annotations
 
 import copy
-import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,23 +146,15 @@ def _pt2_note(model: nn.Module, int8: nn.Module | Unsupported | None = None) -> 
     return reference + "model_int8.pt runs the same model on torch's x86 int8 kernels"
 
 
-def _x86_cpu(profile: HardwareProfile) -> bool:
-    """Whether the target is an x86 CPU (the only one torch's int8 kernels here are built for).
-
-    Profiles carry no ISA field yet: the shipped x86 profiles are named ``x86-*``, and a
-    measured ``host`` profile is this machine."""
-    if profile.kind != "cpu":
-        return False
-    if profile.name == "host":
-        return platform.machine().lower() in ("x86_64", "amd64")
-    return profile.name.startswith("x86")
-
-
 def _torch_int8(ir: IR, profile: HardwareProfile | None) -> nn.Module | Unsupported:
     """The quantized model on torch's x86 int8 kernels, or why there is none (the report says which)."""
-    if profile is None or not _x86_cpu(profile) or profile.integer_only or not profile.supports("int8"):
-        name = profile.name if profile is not None else "unknown"
-        return Unsupported((f"target {name} is not an x86 CPU with int8 compute",))
+    if profile is None:
+        return Unsupported(("no target profile",))
+    if profile.arch is None and profile.kind == "cpu":
+        return Unsupported((f"target {profile.name} does not name its arch (arch: x86_64 in the profile "
+                            "would allow torch's x86 int8 kernels)",))
+    if profile.kind != "cpu" or profile.arch != "x86_64" or profile.integer_only or not profile.supports("int8"):
+        return Unsupported((f"target {profile.name} is not an x86_64 CPU with int8 compute",))
     return lower_to_torch_int8(ir.gm, ir.example_inputs)
 
 

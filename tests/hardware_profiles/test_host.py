@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def test_quick_measurement_is_a_valid_plausible_host_profile(measured: HostMeasu
     profile = measured.profile
     assert isinstance(profile, HardwareProfile)
     assert profile.name == "host" and profile.kind == "cpu" and not profile.integer_only
+    assert profile.arch == {"x86_64": "x86_64", "aarch64": "aarch64"}.get(platform.machine().lower())
     assert "measured by effopt profile-host" in profile.description
     assert profile.supports("fp32")
     assert 1e8 <= profile.peak("fp32") <= 1e13

@@ -227,6 +227,10 @@ def _unknown_memory_level_field(d: dict) -> None:
     d["memory"][0]["latency_s"] = 1e-7
 
 
+def _unknown_arch(d: dict) -> None:
+    d["arch"] = "x86"
+
+
 BAD_PROFILES = [
     # (change, substrings the message must contain)
     (_unknown_top_level_field, ["bandwith_bytes_per_s", "unknown field", "roofline_memory"]),
@@ -244,7 +248,14 @@ BAD_PROFILES = [
     (_wrong_version, ["version", "(got 2)"]),
     (_missing_kind, ["kind", "Field required"]),
     (_unknown_memory_level_field, ["memory[0].latency_s", "unknown field", "capacity_bytes"]),
+    (_unknown_arch, ["arch", "x86_64", "(got 'x86')"]),
 ]
+
+
+def test_shipped_profiles_name_their_arch() -> None:
+    arch = {name: load_profile(name).arch for name in ("a100", "h100-sxm", "x86-avx2", "arm-cortex-a", "cortex-m7")}
+    assert arch == {"a100": "cuda", "h100-sxm": "cuda", "x86-avx2": "x86_64", "arm-cortex-a": "aarch64",
+                    "cortex-m7": "armv7e-m"}
 
 
 @pytest.mark.parametrize(
