@@ -46,7 +46,6 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from effopt.errors import EffoptError, PassError, TraceError
-from effopt.optimizer.analysis import canonical_op
 from effopt.optimizer.quantization import (
     FakeQuant,
     QScheme,
@@ -56,6 +55,7 @@ from effopt.optimizer.quantization import (
     quantize_values,
     worst_case_accumulator_bits,
 )
+from effopt.optimizer.quantized_walk import QuantizedGraphWalk, call_arg
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -655,31 +655,23 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-class _Lowering:
+class _Lowering(QuantizedGraphWalk[_Value]):
     """One walk over the graph in order; every problem is collected, then raised together."""
 
     def __init__(self, gm: fx.GraphModule, shapes: Mapping[fx.Node, Any], accumulator_bits: int) -> None:
-        self.gm = gm
+        super().__init__(gm)
         self.shapes = shapes
         self.acc_limit = accumulator_bits
-        self.values: dict[fx.Node, _Value] = {}
         self.ops: list[IntOp] = []
         self.inputs: list[IntQuantizeInput] = []
         self.outputs: list[IntDequantizeOutput] = []
         self.tensors: dict[str, TensorInfo] = {}
-        self.problems: list[str] = []
         self.acc_bits = 0
         self.materialized: set[fx.Node] = set()
 
     # helpers -------------------------------------------------------------------------------------------
-    def kind(self, n: fx.Node) -> str:
-        return canonical_op(n, self.gm)
-
-    def module(self, n: fx.Node) -> nn.Module | None:
-        return self.gm.get_submodule(str(n.target)) if n.op == "call_module" else None
-
     def problem(self, n: fx.Node, kind: str, what: str) -> _Float:
-        self.problems.append(f"node '{n.name}' ({kind}) {what}")
+        self.record_problem(n, kind, what)
         return _Float(n)
 
     def shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -720,25 +712,14 @@ class _Lowering:
                 return self.problem(n, kind, f"reads '{a.name}', which is not an int8 tensor; {_HINT}")
         return refs
 
-    # the walk ----------------------------------------------------------------------------------------------
-    def run(self) -> None:
-        for n in self.gm.graph.nodes:
-            if n.op == "placeholder":
-                self.values[n] = _Float(n, is_input=True)
-            elif n.op == "get_attr":
-                self.values[n] = _Other()
-            elif n.op == "output":
-                self.output(n)
-            else:
-                self.values[n] = self.compute(n)
+    # the walk (QuantizedGraphWalk.run calls these) ------------------------------------------------------
+    def placeholder(self, n: fx.Node) -> _Value:
+        return _Float(n, is_input=True)
 
-    def compute(self, n: fx.Node) -> _Value:
-        mod = self.module(n)
-        if isinstance(mod, FakeQuant):
-            return self.fake_quant(n, mod)
-        if isinstance(mod, (QuantConv, QuantLinear)):
-            return self.weighted(n, mod)
-        kind = self.kind(n)
+    def get_attr(self, n: fx.Node) -> _Value:
+        return _Other()
+
+    def other_op(self, n: fx.Node, kind: str) -> _Value:
         if n not in self.shapes:
             return _Other()  # no tensor out (x.size(0), shape arithmetic): nothing to lower; a tensor op using it fails
         handler = {
@@ -931,16 +912,16 @@ class _Lowering:
         if kind == "hardtanh":
             if mod is not None:
                 return float(mod.min_val), float(mod.max_val)
-            lo = _arg(n, 1, "min_val", -1.0)
-            hi = _arg(n, 2, "max_val", 1.0)
+            lo = call_arg(n, 1, "min_val", -1.0)
+            hi = call_arg(n, 2, "max_val", 1.0)
         else:  # clamp / clamp_min / clamp_max
             name = getattr(n.target, "__name__", str(n.target))
             if "clamp_min" in name:
-                lo, hi = _arg(n, 1, "min", None), None
+                lo, hi = call_arg(n, 1, "min", None), None
             elif "clamp_max" in name:
-                lo, hi = None, _arg(n, 1, "max", None)
+                lo, hi = None, call_arg(n, 1, "max", None)
             else:
-                lo, hi = _arg(n, 1, "min", None), _arg(n, 2, "max", None)
+                lo, hi = call_arg(n, 1, "min", None), call_arg(n, 2, "max", None)
         if any(isinstance(b, fx.Node) for b in (lo, hi)):
             return None
         return (None if lo is None else float(lo)), (None if hi is None else float(hi))
@@ -1013,14 +994,14 @@ class _Lowering:
 
     def cat(self, n: fx.Node, kind: str) -> _Value:
         name = getattr(n.target, "__name__", str(n.target))
-        tensors = _arg(n, 0, "tensors", ())
+        tensors = call_arg(n, 0, "tensors", ())
         if name == "stack" or not isinstance(tensors, (list, tuple)):
             return self.problem(n, kind, f"({name}) has no integer implementation on an int-only target: {_HINT}")
         refs = self.operands(n, kind, list(tensors))
         if isinstance(refs, _Float):
             return refs
         ndim = len(self.shape(n))
-        axis = int(_arg(n, 1, "dim", 0)) % ndim
+        axis = int(call_arg(n, 1, "dim", 0)) % ndim
         if axis == 0:
             return self.problem(n, kind, "concatenates along the batch axis: the integer program is batch-agnostic")
 
@@ -1038,7 +1019,7 @@ class _Lowering:
             return refs
         (x,) = refs
         in_shape = self.shape(n.args[0])
-        dims = _arg(n, 1, "dim", None)
+        dims = call_arg(n, 1, "dim", None)
         if dims is None:
             return self.problem(n, kind, "reduces over every axis including the batch: give explicit dims")
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
@@ -1047,7 +1028,7 @@ class _Lowering:
         axes = tuple(sorted({int(d) % len(in_shape) for d in dims}))
         if 0 in axes:
             return self.problem(n, kind, "reduces over the batch axis: the integer program is batch-agnostic")
-        keepdim = bool(_arg(n, 2, "keepdim", False))
+        keepdim = bool(call_arg(n, 2, "keepdim", False))
         count = math.prod(in_shape[a] for a in axes)
 
         def make(qp: QParams, out: str, lo: int, hi: int) -> IntOp:
@@ -1069,7 +1050,7 @@ class _Lowering:
             kernel = tuple(i // o for i, o in zip(in_sp, out_sp))
             return kernel, kernel, (0,) * nd, (1,) * nd
         get = (lambda attr, pos, default: getattr(mod, attr, default)) if mod is not None else \
-            (lambda attr, pos, default: _arg(n, pos, attr, default))
+            (lambda attr, pos, default: call_arg(n, pos, attr, default))
         kernel = _tuple(get("kernel_size", 1, None), nd)
         stride_v = get("stride", 2, None)
         stride = kernel if stride_v in (None, (), []) else _tuple(stride_v, nd)
@@ -1119,7 +1100,7 @@ class _Lowering:
         elif mod is not None:
             include_pad, divisor = mod.count_include_pad, getattr(mod, "divisor_override", None)
         else:
-            include_pad, divisor = _arg(n, 5, "count_include_pad", True), _arg(n, 6, "divisor_override", None)
+            include_pad, divisor = call_arg(n, 5, "count_include_pad", True), call_arg(n, 6, "divisor_override", None)
         overhang = any(after > before for before, after in pads)
         if divisor is not None:
             count = int(divisor)
@@ -1157,13 +1138,13 @@ class _Lowering:
         ndim = len(self.shape(n.args[0]))
         perm = list(range(ndim))
         if kind == "permute":
-            first = _arg(n, 1, "dims", ())
+            first = call_arg(n, 1, "dims", ())
             dims = first if isinstance(first, (list, tuple)) else n.args[1:]  # x.permute(0, 2, 1) or ((0, 2, 1))
             perm = [int(d) % ndim for d in dims]
         elif kind == "t":
             perm[-1], perm[-2] = perm[-2], perm[-1]
         else:
-            d0, d1 = int(_arg(n, 1, "dim0", 0)) % ndim, int(_arg(n, 2, "dim1", 1)) % ndim
+            d0, d1 = int(call_arg(n, 1, "dim0", 0)) % ndim, int(call_arg(n, 2, "dim1", 1)) % ndim
             perm[d0], perm[d1] = perm[d1], perm[d0]
         if perm[0] != 0:
             return self.problem(n, kind, "moves the batch axis: the integer program is batch-agnostic")
@@ -1176,7 +1157,7 @@ class _Lowering:
         (x,) = refs
         shapes = self.shapes.get(n)
         ndim = len(self.shape(n.args[0]))
-        axis = int(_arg(n, 2, "dim", 0)) % ndim
+        axis = int(call_arg(n, 2, "dim", 0)) % ndim
         if not shapes or axis == 0:
             return self.problem(n, kind, "splits along the batch axis or returns no tensors")
         bounds, start = [], 0
@@ -1211,13 +1192,6 @@ class _Lowering:
             elif not isinstance(v, _Float):
                 self.problem(a, self.kind(a) if a.op.startswith("call") else a.op,
                              "is returned but is not an int8 tensor; " + _HINT)
-
-
-def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
-    """Argument ``name`` of a call_function/call_method node (self/input at position 0)."""
-    if name in n.kwargs:
-        return n.kwargs[name]
-    return n.args[pos] if len(n.args) > pos else default
 
 
 def lower_to_integer(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,

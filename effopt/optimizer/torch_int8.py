@@ -113,8 +113,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from effopt.errors import EmitError
-from effopt.optimizer.analysis import canonical_op
 from effopt.optimizer.quantization import FakeQuant, QuantConv, QuantLinear, quantize_values
+from effopt.optimizer.quantized_walk import QuantizedGraphWalk, call_arg
 
 __all__ = [
     "TORCH_INT8_NOTE",
@@ -280,12 +280,6 @@ class _Pending:
 _Value = Union[_Q, _QTuple, _F, _Other, _Bad, _Pending]
 
 
-def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
-    if len(n.args) > pos:
-        return n.args[pos]
-    return n.kwargs.get(name, default)
-
-
 class _TensorKinds(fx.Interpreter):
     """Runs the source graph once and records which nodes produce a tensor."""
 
@@ -302,11 +296,11 @@ class _TensorKinds(fx.Interpreter):
 # -- the lowering ----------------------------------------------------------------------------------
 
 
-class _Lowering:
+class _Lowering(QuantizedGraphWalk[_Value]):
     """One walk over the source graph in order, building the int8 graph; problems are collected, not raised."""
 
     def __init__(self, gm: fx.GraphModule, is_tensor: dict[fx.Node, bool], float_islands: bool) -> None:
-        self.src = gm
+        super().__init__(gm)
         self.is_tensor = is_tensor
         self.float_islands = float_islands
         self.int8_kinds: list[str] = []   # what runs on int8 kernels, in graph order
@@ -314,21 +308,13 @@ class _Lowering:
         self.float_built: set[fx.Node] = set()  # int8-contract ops this lowering computes in float (exact detours)
         self.graph = fx.Graph()
         self.root = nn.Module()
-        self.values: dict[fx.Node, _Value] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.copied: dict[str, str] = {}  # source module/attribute target → its flat name in the lowered root
         self.materialized: set[fx.Node] = set()
-        self.problems: list[str] = []
 
     # helpers ---------------------------------------------------------------------------------------
-    def kind(self, n: fx.Node) -> str:
-        return canonical_op(n, self.src)
-
-    def module(self, n: fx.Node) -> nn.Module | None:
-        return self.src.get_submodule(str(n.target)) if n.op == "call_module" else None
-
     def problem(self, n: fx.Node, kind: str, what: str) -> _Bad:
-        self.problems.append(f"node '{n.name}' ({kind}) {what}")
+        self.record_problem(n, kind, what)
         return _Bad()
 
     def add_module(self, base: str, module: nn.Module) -> str:
@@ -370,7 +356,7 @@ class _Lowering:
         if n.op == "call_module":
             return self.add_module(target, copy.deepcopy(self.module(n)))
         *path, leaf = target.split(".")
-        value = getattr(self.src.get_submodule(".".join(path)) if path else self.src, leaf)
+        value = getattr(self.gm.get_submodule(".".join(path)) if path else self.gm, leaf)
         name = self.fresh(target.replace(".", "_"))
         if isinstance(value, torch.Tensor):
             self.root.register_buffer(name, value.detach().clone())
@@ -378,27 +364,16 @@ class _Lowering:
             setattr(self.root, name, copy.deepcopy(value))
         return name
 
-    # the walk --------------------------------------------------------------------------------------
-    def run(self) -> None:
-        for n in self.src.graph.nodes:
-            if n.op == "placeholder":
-                default = n.args[0] if n.args else inspect.Signature.empty
-                self.values[n] = _F(self.graph.placeholder(n.name, default_value=default))  # untyped: TorchScript
-                # cannot resolve the alias fx writes for a torch.Tensor annotation ("_torch_Tensor_")
-            elif n.op == "get_attr":
-                self.values[n] = _Other(self.copy_node(n, lambda a: a))
-            elif n.op == "output":
-                self.output(n)
-            else:
-                self.values[n] = self.compute(n)
+    # the walk (QuantizedGraphWalk.run calls these) ------------------------------------------------
+    def placeholder(self, n: fx.Node) -> _Value:
+        default = n.args[0] if n.args else inspect.Signature.empty
+        # untyped: TorchScript cannot resolve the alias fx writes for a torch.Tensor annotation ("_torch_Tensor_")
+        return _F(self.graph.placeholder(n.name, default_value=default))
 
-    def compute(self, n: fx.Node) -> _Value:
-        mod = self.module(n)
-        if isinstance(mod, FakeQuant):
-            return self.fake_quant(n, mod)
-        if isinstance(mod, (QuantConv, QuantLinear)):
-            return self.weighted(n, mod)
-        kind = self.kind(n)
+    def get_attr(self, n: fx.Node) -> _Value:
+        return _Other(self.copy_node(n, lambda a: a))
+
+    def other_op(self, n: fx.Node, kind: str) -> _Value:
         inputs = [self.values[a] for a in n.all_input_nodes]
         if any(isinstance(v, _Bad) for v in inputs):
             return _Bad()
@@ -517,7 +492,7 @@ class _Lowering:
             return 0.0, 6.0
         if mod is not None:
             return float(mod.min_val), float(mod.max_val)  # type: ignore[arg-type]
-        lo, hi = _arg(n, 1, "min_val", -1.0), _arg(n, 2, "max_val", 1.0)
+        lo, hi = call_arg(n, 1, "min_val", -1.0), call_arg(n, 2, "max_val", 1.0)
         if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
             return None
         return float(lo), float(hi)
@@ -660,13 +635,13 @@ class _Lowering:
         return _Pending(n, kind, build)
 
     def cat(self, n: fx.Node, kind: str) -> _Value:
-        tensors = _arg(n, 0, "tensors", ())
+        tensors = call_arg(n, 0, "tensors", ())
         if getattr(n.target, "__name__", "") == "stack" or not isinstance(tensors, (list, tuple)):
             return self.problem(n, kind, "is a stack: only torch.cat has an int8 kernel")
         refs = self._operands(n, kind, list(tensors))
         if not isinstance(refs, list):
             return refs
-        dim = _arg(n, 1, "dim", 0)
+        dim = call_arg(n, 1, "dim", 0)
         if isinstance(dim, fx.Node):
             return self.problem(n, kind, "has a computed dim")
 
