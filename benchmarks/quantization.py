@@ -45,9 +45,9 @@ When ``effopt.passes`` has no ``quantize`` pass, the effopt rows say "not availa
 (see `effopt_int8`, the one function to adjust if the pass's recipe interface changes).
 
 Targets from the issue, checked per model below its table: effopt int8 PTQ within 0.5
-points of float on digits; at batch 32 faster than the best of torch FX and ORT int8 (a
-gap under ``TIE_FRACTION`` is called a tie, as it is within the run-to-run spread); size
-<= 0.3x float.
+points of float on digits; at batch 32 effopt's fastest int8 artefact faster than the best
+of torch FX and ORT int8 (a gap under ``TIE_FRACTION`` is flagged as within the run-to-run
+spread of separate runs); size of model.onnx <= 0.3x float.
 
 Reading the CIFAR quality columns: with random weights the input-dependent part of the
 logits is small next to quantization noise, so absolute agreement is pessimistic (for
@@ -524,26 +524,34 @@ TIE_FRACTION = 0.10
 
 
 def _target_lines(case: Case, variants: list[Variant], stats: dict[tuple[str, int], LatencyStats]) -> list[str]:
-    """The issue's targets for effopt int8 PTQ (onnxruntime artefact) on this model."""
+    """The issue's targets for effopt int8 PTQ on this model.
+
+    Speed: effopt's fastest int8 artefact at batch 32 (model.onnx in onnxruntime, or
+    model_int8.pt on torch's int8 kernels: a user ships the one that suits the target) vs the
+    fastest other tool. Size and accuracy: the ONNX artefact.
+    """
     ours = next((v for v in variants if v.name == "effopt int8 PTQ" and v.runtime == "onnxruntime"), None)
     if ours is None:
         return ["Targets (effopt int8 PTQ): not checked, effopt int8 is not available yet."]
     tools = [v for v in variants if v.name in ("torch FX int8 (x86)", "ORT quantize_static int8") and v.runner]
     best = min((stats[(v.key, 32)].p50_s for v in tools if (v.key, 32) in stats), default=math.nan)
-    mine = stats.get((ours.key, 32))
-    mine_s = math.nan if mine is None else mine.p50_s
+    artefacts = [v for v in variants if v.name == "effopt int8 PTQ" and v.runtime in ("onnxruntime", "torch int8 (TorchScript)")
+                 and (v.key, 32) in stats]
+    fastest = min(artefacts, key=lambda v: stats[(v.key, 32)].p50_s, default=None)
+    mine_s = math.nan if fastest is None else stats[(fastest.key, 32)].p50_s
     size = (ours.size_bytes or math.nan) / (variants[0].size_bytes or math.nan)
     tie = abs(best / mine_s - 1) < TIE_FRACTION if mine_s > 0 else False
+    which = "model.onnx" if fastest is None or fastest.runtime == "onnxruntime" else "model_int8.pt"
     checks = [
-        f"b32 {mine_s * 1e3:.3f} ms vs best other int8 {best * 1e3:.3f} ms "
-        f"({f'tie, within ±{TIE_FRACTION:.0%}' if tie else 'met' if mine_s < best else 'missed'}: "
+        f"b32 {mine_s * 1e3:.3f} ms ({which}) vs best other int8 {best * 1e3:.3f} ms "
+        f"({'met' if mine_s < best else 'missed'}{f', within the ±{TIE_FRACTION:.0%} spread' if tie else ''}: "
         f"{_ratio(best, mine_s)})",
         f"size {size:.2f}× float ({'met' if size <= 0.3 else 'missed'}, target ≤ 0.30×)",
     ]
     if case.eval_labels is not None and "accuracy" in ours.quality:
         drop = 100 * (variants[0].quality["accuracy"] - ours.quality["accuracy"])
         checks.append(f"accuracy drop {drop:.1f} pt ({'met' if drop <= 0.5 else 'missed'}, target ≤ 0.5)")
-    return ["Targets (effopt int8 PTQ, onnxruntime): " + "; ".join(checks) + "."]
+    return ["Targets (effopt int8 PTQ): " + "; ".join(checks) + "."]
 
 
 def header(args: argparse.Namespace, all_stats: list[LatencyStats]) -> str:
