@@ -110,3 +110,39 @@ def test_the_torch_int8_artefact_follows_the_profiles_arch(tmp_path: Path) -> No
         assert not (out / "model_int8.pt").exists()
         pt2 = next(a for a in result.report.artefacts if a.file == "model.pt2")
         assert expected in pt2.note, pt2.note
+
+
+def test_an_exported_program_folds_and_quantizes_to_int8_onnx(tmp_path: Path) -> None:
+    """``model: {exported: x.pt2}``: its aten.conv2d / aten.batch_norm / aten.linear calls are lifted to
+    modules, so the BNs fold and every conv and linear runs in onnxruntime's int8 kernels."""
+    import torch
+
+    from examples.digits import DigitsNet
+    from tests.models import randomize_bn, seeded
+
+    # setup: a saved program with a free batch size, and calibration data under its input name
+    with seeded(0):
+        model = randomize_bn(DigitsNet(), seed=0).eval()
+    batch = {"x": {0: torch.export.Dim.AUTO}}
+    program = torch.export.export(model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=batch)
+    assert not any(n.op == "call_module" for n in program.module().graph.nodes if n.name != "_guards_fn")
+    torch.export.save(program, str(tmp_path / "digits.pt2"))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).random((64, 1, 8, 8)).astype(np.float32))
+    recipe = {
+        "version": 1,
+        "model": {"exported": str(tmp_path / "digits.pt2")},
+        "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "range": [0, 1]}],
+        "passes": ["fold_batchnorm", {"name": "quantize", "mode": "static"}],
+        "data": {"calibration": str(tmp_path / "calib.npz")},
+        "output": {"formats": ["pt2", "onnx"]},
+    }
+    # execute
+    result = effopt.compile(recipe, output_dir=tmp_path / "out")
+    # assert
+    assert result.passed, result.report.failures()
+    fold, quant = result.report.passes
+    assert fold.result.stats["folded"] == 4 and fold.result.stats["lifted_functional_layers"] == 9
+    assert quant.result.stats["quantized_layers"] == 5 and quant.result.skipped == ()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    note = next(a for a in report["artefacts"] if a["file"] == "model.onnx")["note"]
+    assert "QLinearConv 3" in note and "QGemm 2" in note and "float: none" in note, note

@@ -10,6 +10,10 @@ gives s=0.25, W'=0.5, b'=0.5.
 A site is folded only when nothing else can observe the layer's raw output:
 the conv output feeds the BN alone, neither module is shared, and the BN uses
 running statistics. Anything else is reported as a `Skip`.
+
+Functional layers (a ``torch.export`` program's ``aten.conv2d``/``aten.batch_norm``,
+or ``F.conv2d`` in a forward) are first lifted to modules
+(`effopt.optimizer.lift`), bit-identically, so they fold the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from effopt.optimizer.ir import IR, facts
+from effopt.optimizer.lift import lift_functional_layers
 from effopt.optimizer.pass_base import Pass, PassContext, PassOptions, PassResult, Skip
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -63,23 +68,34 @@ class FoldBatchNorm(Pass):
     Options = FoldBatchNormOptions
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
-        changed: list[str] = []
+        lift = lift_functional_layers(ir)
+        stays_functional = lift.reasons()
+        changed: list[str] = list(lift.new_names)  # lifting alone changes the graph (same numerics)
+        folded: list[str] = []
         skipped: list[Skip] = []
         for bn_node in list(ir.gm.graph.nodes):
             if bn_node.op != "call_module" or not isinstance(ir.module_of(bn_node), nn.modules.batchnorm._BatchNorm):
                 continue
             reason = self._why_not(ir, bn_node)
             if reason:
+                producer = bn_node.args[0] if bn_node.args else None
+                if isinstance(producer, fx.Node) and producer.name in stays_functional:
+                    reason = f"input '{producer.name}' stays functional: {stays_functional[producer.name]}"
                 skipped.append(Skip(bn_node.name, reason))
                 continue
             producer = bn_node.args[0]
             assert isinstance(producer, fx.Node)
             self._fold(ir, producer, bn_node)
-            changed.append(bn_node.name)
-        for n in ir.gm.graph.nodes:
-            if n.op == "call_function" and "batch_norm" in getattr(n.target, "__name__", str(n.target)):
-                skipped.append(Skip(n.name, "functional batch_norm: only nn.BatchNorm modules are folded"))
-        return PassResult(ir, tuple(changed), tuple(skipped), {"folded": float(len(changed))})
+            folded.append(bn_node.name)
+        skipped += lift.skips(frozenset({"batch_norm"}))
+        changed += [name for name in folded if name not in changed]
+        stats = {"folded": float(len(folded))}
+        warnings: tuple[str, ...] = ()
+        if lift.lifted:
+            stats["lifted_functional_layers"] = float(len(lift.lifted))
+            warnings = (f"lifted {len(lift.lifted)} functional layer(s) to modules: "
+                        + ", ".join(f"{x.old} → {x.module}" for x in lift.lifted),)
+        return PassResult(ir, tuple(changed), tuple(skipped), stats, warnings)
 
     @staticmethod
     def _why_not(ir: IR, bn_node: fx.Node) -> str | None:

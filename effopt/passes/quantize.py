@@ -17,6 +17,11 @@ gradient; ``learnable_scales`` trains the scales, LSQ). ``mixed_precision``
 measures each layer's sensitivity (only that layer quantized) and keeps the
 most sensitive ones in float until the output error is within budget,
 preferring layers the cost model says are cheap to keep in float.
+
+Functional conv/linear calls (a ``torch.export`` program's ``aten.conv2d`` /
+``aten.linear``, ``F.conv2d`` in a forward) are first lifted to ``nn`` modules
+(`effopt.optimizer.lift`, bit-identical), so they quantize like module layers;
+``keep_float`` may name a lifted layer by its old node name or its new one.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from effopt.errors import PassError
 from effopt.optimizer.analysis import canonical_op
 from effopt.optimizer.finetune_config import FineTuneConfig
 from effopt.optimizer.ir import IR, facts, has_facts
+from effopt.optimizer.lift import LiftResult, lift_functional_layers
 from effopt.optimizer.onnx_dynamic import dynamic_fake_quantize
 from effopt.optimizer.onnx_quant import FUSED_ACTIVATIONS as ORT_FUSED_ACTIVATIONS
 from effopt.optimizer.onnx_quant import PASS_THROUGH_KINDS as ORT_PASS_THROUGH_KINDS
@@ -124,11 +130,16 @@ class Quantize(Pass):
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         o = self.options
+        lift = lift_functional_layers(ir, WEIGHTED_KINDS)
         float_model = copy.deepcopy(ir.gm) if (o.qat or o.mixed_precision) else None
-        rewrite = _Rewrite(ir, o)
+        rewrite = _Rewrite(ir, o, lift)
         rewrite.apply()
         warnings: list[str] = []
         stats: dict[str, float] = {"quantized_layers": float(len(rewrite.layers))}
+        if lift.lifted:
+            stats["lifted_functional_layers"] = float(len(lift.lifted))
+            warnings.append(f"lifted {len(lift.lifted)} functional layer(s) to modules: "
+                            + ", ".join(f"{x.old} → {x.module}" for x in lift.lifted))
         if o.mode == "static":
             batches = _calibration_batches(ctx, o.calibration_batches)
             _calibrate_activations(ir.gm, rewrite.activation_quants, batches, o.observer)
@@ -152,7 +163,8 @@ class Quantize(Pass):
             assert float_model is not None
             stats.update(_qat(ir, rewrite, float_model, ctx, o.qat))
         ir.gm.eval()
-        return PassResult(ir, tuple(rewrite.changed), tuple(rewrite.skipped), stats, tuple(warnings))
+        changed = [*rewrite.changed, *(name for name in lift.new_names if name not in rewrite.changed)]
+        return PassResult(ir, tuple(changed), tuple(rewrite.skipped), stats, tuple(warnings))
 
 
 # -- the graph rewrite -----------------------------------------------------------------------------
@@ -161,9 +173,11 @@ class Quantize(Pass):
 class _Rewrite:
     """Turns a float graph into one that follows the quantized-graph contract (guard, then edit)."""
 
-    def __init__(self, ir: IR, options: QuantizeOptions) -> None:
+    def __init__(self, ir: IR, options: QuantizeOptions, lift: LiftResult | None = None) -> None:
         self.ir = ir
         self.o = options
+        self.old_names = dict(lift.old_names) if lift is not None else {}  # lifted node → its name before lifting
+        self.stays_functional = lift.reasons(WEIGHTED_KINDS) if lift is not None else {}
         self.gm = ir.gm
         self.graph = ir.gm.graph
         self.quantized: dict[fx.Node, fx.Node] = {}  # value → the node holding its quantized version
@@ -179,7 +193,8 @@ class _Rewrite:
         return canonical_op(n, self.gm)
 
     def _kept_float(self, n: fx.Node) -> bool:
-        return n.name in self.o.keep_float or (n.op == "call_module" and str(n.target) in self.o.keep_float)
+        names = (n.name, self.old_names.get(n.name))
+        return any(m in self.o.keep_float for m in names) or (n.op == "call_module" and str(n.target) in self.o.keep_float)
 
     def apply(self) -> None:
         for n in list(self.graph.nodes):
@@ -204,7 +219,8 @@ class _Rewrite:
     # guards -----------------------------------------------------------------------------------
     def _weighted_module(self, n: fx.Node) -> nn.Module | None:
         if n.op != "call_module":
-            self.skipped.append(Skip(n.name, "functional conv/linear: only nn.Conv*/nn.Linear modules are quantized"))
+            reason = self.stays_functional.get(n.name, "functional conv/linear: only nn.Conv*/nn.Linear modules are quantized")
+            self.skipped.append(Skip(n.name, reason))
             return None
         mod = self.ir.module_of(n)
         if isinstance(mod, (QuantConv, QuantLinear)):

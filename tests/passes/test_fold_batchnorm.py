@@ -465,8 +465,9 @@ class FunctionalBn(nn.Module):
         return F.batch_norm(self.conv(x), self.mean, self.var, training=False)
 
 
-def test_functional_batch_norm_is_reported_not_folded() -> None:
-    """``x ─ conv ─ F.batch_norm(mean, var)``: only BN modules fold; the functional one is a Skip."""
+def test_functional_batch_norm_is_lifted_and_folded() -> None:
+    """``x ─ conv ─ F.batch_norm(mean, var)``: the functional BN is lifted to a module (named after its
+    statistics buffer), then folded like any BatchNorm."""
     # setup
     with seeded(5):
         model = FunctionalBn().eval()
@@ -475,10 +476,11 @@ def test_functional_batch_norm_is_reported_not_folded() -> None:
     # execute
     ir, record = fold(ir)
     # assert
-    assert record.result.changed == ()
-    (skip,) = record.result.skipped
-    assert skip.node == "batch_norm" and "functional batch_norm" in skip.reason
-    assert any(n.op == "call_function" and n.target is F.batch_norm for n in ir.gm.graph.nodes)
+    assert record.result.stats == {"folded": 1.0, "lifted_functional_layers": 1.0}
+    assert record.result.changed == ("mean_1",) and record.result.skipped == ()
+    assert not any("batch_norm" in str(n.target) for n in ir.gm.graph.nodes) and not bn_module_names(ir.gm)
+    x = torch.randn(3, 3, 4, 4)
+    torch.testing.assert_close(ir.gm(x), model(x), rtol=RTOL, atol=ATOL)
 
 
 def test_linear_site_without_facts_is_an_error_not_a_wrong_fold() -> None:
