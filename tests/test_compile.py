@@ -271,3 +271,22 @@ def test_same_named_module_in_two_recipe_folders_is_not_shadowed(tmp_path: Path)
     x = torch.zeros(1, 4)
     assert first.model(x).shape == (1, 3)
     assert second.model(x).shape == (1, 5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_exported_program_with_a_fixed_batch_is_a_recipe_error_naming_the_fix(tmp_path: Path, batch: int) -> None:
+    """Without this check the program's own guard fails deep inside calibration (exit 3, a traceback)."""
+    from effopt.errors import RecipeError
+    from tests.models import resnet_style
+
+    program = torch.export.export(resnet_style().eval(), (torch.randn(batch, 3, 16, 16),))  # no dynamic_shapes
+    torch.export.save(program, str(tmp_path / "fixed.pt2"))
+    recipe = {"version": 1, "model": {"exported": str(tmp_path / "fixed.pt2")},
+              "inputs": [{"name": "x", "shape": [1, 3, 16, 16]}], "passes": [], "output": {"formats": []}}
+    with pytest.raises(RecipeError, match=f"fixed batch of {batch} for input 'x'.*Dim.AUTO.*dynamic_batch: false"):
+        effopt.compile(recipe, output_dir=tmp_path / "out")
+    fixed = recipe | {"inputs": [{"name": "x", "shape": [batch + 1, 3, 16, 16], "dynamic_batch": False}]}
+    with pytest.raises(RecipeError, match=f"inputs\\[0\\].shape: .*batch of exactly {batch}.*shape\\[0\\]: {batch}"):
+        effopt.compile(fixed, output_dir=tmp_path / "out")
+    ok = recipe | {"inputs": [{"name": "x", "shape": [batch, 3, 16, 16], "dynamic_batch": False}]}
+    assert effopt.compile(ok, output_dir=tmp_path / "out", emit=False).report.verification is not None

@@ -87,6 +87,7 @@ def load_model(loaded: LoadedRecipe) -> nn.Module:
             program = torch.export.load(str(path))
         except Exception as e:
             raise RecipeError(f"{label}: model.exported: {path.name} is not a torch.export program ({e})") from e
+        _check_exported_batch(program, loaded, path.name)
         return program.module()
     assert spec.factory is not None  # guaranteed by ModelSpec's validator
     factory = import_callable(spec.factory, import_roots(loaded), f"{label}: model.factory")
@@ -105,6 +106,30 @@ def load_model(loaded: LoadedRecipe) -> nn.Module:
     if spec.weights is not None:
         _load_weights(model, loaded.resolve(spec.weights), label)
     return model.eval()
+
+
+def _check_exported_batch(program: torch.export.ExportedProgram, loaded: LoadedRecipe, file: str) -> None:
+    """A program exported with a fixed batch fails its own guard at any other batch size, deep inside
+    calibration or verification; say so up front, naming the input and the two ways out."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    for index, (spec, node) in enumerate(zip(loaded.recipe.inputs, placeholders)):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or not isinstance(value.shape[0], int):
+            continue  # dim 0 is symbolic: any batch works
+        fixed = int(value.shape[0])
+        if spec.dynamic_batch:
+            raise RecipeError(
+                f"{loaded.label}: model.exported: {file} was exported with a fixed batch of {fixed} for input "
+                f"'{spec.name}', but inputs[{index}].dynamic_batch is true (the default). Re-export with a free batch: "
+                f"torch.export.export(model, (x,), dynamic_shapes={{'{spec.name}': {{0: torch.export.Dim.AUTO}}}}) "
+                f"with an example batch of 2 or more, or set inputs[{index}].dynamic_batch: false and shape[0]: {fixed}"
+            )
+        if spec.shape[0] != fixed:
+            raise RecipeError(
+                f"{loaded.label}: inputs[{index}].shape: {file} takes a batch of exactly {fixed} for '{spec.name}' "
+                f"(got shape[0] = {spec.shape[0]}); set shape[0]: {fixed}"
+            )
 
 
 def _load_weights(model: nn.Module, path: Path, label: str) -> None:
