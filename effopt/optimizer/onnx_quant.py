@@ -303,7 +303,8 @@ def drop_conv_weight_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
         codes, zero_point = constants.get(node.input[0]), constants.get(node.input[2])
         if codes is None or zero_point is None or codes.data_type != onnx.TensorProto.INT8:
             continue
-        conv_only = all(r.op_type == "Conv" for r in readers.get(node.output[0], [])) and readers.get(node.output[0])
+        consumers = readers.get(node.output[0], [])
+        conv_only = bool(consumers) and all(r.op_type == "Conv" for r in consumers)
         if conv_only and not onnx.numpy_helper.to_array(zero_point).any():
             del node.input[2]
     used = {name for node in graph.node for name in node.input}
