@@ -11,7 +11,7 @@ tolerance ``|opt − ref| ≤ atol + rtol·|ref|`` on every input set.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -216,20 +216,17 @@ def quantized_fidelity(
             raise ValueError(f"the artefact returns {[tuple(t.shape) for t in a]}, the fake-quant model "
                              f"{[tuple(t.shape) for t in f]}")
         originals.append(o), fakes.append(f), arts.append(a)
-    worst = QuantizedFidelity(0.0, 0.0, 0.0, 0.0, True)
-    passed = True
+    per_output: list[tuple[float, float, float, bool, float]] = []  # (ratio, artefact rms, fake-quant rms, ok, drift)
     for k in range(len(originals[0]) if originals else 0):
         ref, fq, art = (torch.cat([b[k].reshape(-1).double() for b in runs]) for runs in (originals, fakes, arts))
         art_rms, fq_rms = _rms(elementwise_errors(art, ref, 0.0, 0.0)[0]), _rms(elementwise_errors(fq, ref, 0.0, 0.0)[0])
         ratio = art_rms / fq_rms if fq_rms > 0 else (0.0 if art_rms == 0 else float("inf"))
-        ok = art_rms <= QUANTIZED_FIDELITY_SLACK * fq_rms + atol
-        passed = passed and ok
         drift = float(elementwise_errors(art, fq, 0.0, 0.0)[0].max()) if art.numel() else 0.0
-        if ratio >= worst.ratio:
-            worst = QuantizedFidelity(art_rms, fq_rms, ratio, max(drift, worst.max_drift), True)
-        else:
-            worst = replace(worst, max_drift=max(drift, worst.max_drift))
-    return replace(worst, passed=passed)
+        per_output.append((ratio, art_rms, fq_rms, art_rms <= QUANTIZED_FIDELITY_SLACK * fq_rms + atol, drift))
+    if not per_output:
+        return QuantizedFidelity(0.0, 0.0, 0.0, 0.0, True)
+    ratio, art_rms, fq_rms, _, _ = max(per_output, key=lambda r: r[0])
+    return QuantizedFidelity(art_rms, fq_rms, ratio, max(r[4] for r in per_output), all(r[3] for r in per_output))
 
 
 def _rms(errors: torch.Tensor) -> float:
