@@ -46,13 +46,13 @@ from torch import nn  # noqa: E402
 
 from effopt.hardware_profiles import HardwareProfile  # noqa: E402
 from effopt.hardware_profiles.host import HostMeasurement, measure_host_details  # noqa: E402
-from effopt.optimizer.analysis import annotate  # noqa: E402
-from effopt.optimizer.bench import bench_runtimes, onnxruntime_runner, spearman  # noqa: E402
-from effopt.optimizer.cost_model import ERASED_KINDS, estimate, is_view  # noqa: E402
-from effopt.optimizer.emit_onnx import export_onnx  # noqa: E402
-from effopt.optimizer.ir import IR, InputSpec, facts, has_facts  # noqa: E402
-from effopt.optimizer.pass_base import PassContext  # noqa: E402
-from effopt.optimizer.trace import trace_module  # noqa: E402
+from effopt.optimizer.ir.analysis import annotate  # noqa: E402
+from effopt.optimizer.measure.bench import bench_runtimes, onnxruntime_runner, spearman  # noqa: E402
+from effopt.optimizer.ir.cost_model import ERASED_KINDS, estimate, is_view  # noqa: E402
+from effopt.optimizer.emit.onnx import export_onnx  # noqa: E402
+from effopt.optimizer.ir.core import IR, InputSpec, facts, has_facts  # noqa: E402
+from effopt.passes.base import PassContext  # noqa: E402
+from effopt.optimizer.ir.trace import trace_module  # noqa: E402
 from effopt.passes.fold_batchnorm import FoldBatchNorm  # noqa: E402
 import tests.models as zoo  # noqa: E402
 from tests.models import BasicBlock, InvertedResidual, TinyTransformer, randomize_bn, seeded  # noqa: E402

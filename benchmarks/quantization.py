@@ -28,7 +28,7 @@ CIFAR: 256 fixed-seed N(0, 1) images). Then, per model, one table:
   and the scales; TorchScript was not used because scripting FX-quantized models is itself
   deprecated and adds code size unrelated to the weights).
 - **latency**: p50 of ``--runs`` calls at batch 1 and 32, all variants of a model timed
-  in one `effopt.optimizer.bench.bench_runtimes` call, interleaved round-robin after warm-up,
+  in one `effopt.optimizer.measure.bench.bench_runtimes` call, interleaved round-robin after warm-up,
   with ``--threads`` intra-op threads everywhere (STYLE rule 25). Speed-ups are float eager
   p50 / variant p50 at the same batch (> 1 is faster), plus float onnxruntime / variant at 32.
 - **quality**: digits: top-1 accuracy on the 450 held-out images (and the drop in points
@@ -91,14 +91,14 @@ import effopt  # noqa: E402
 import effopt.passes  # noqa: E402
 from benchmarks import cifar_models  # noqa: E402
 from effopt.hardware_profiles.host import cpu_name  # noqa: E402
-from effopt.optimizer.bench import (  # noqa: E402
+from effopt.optimizer.measure.bench import (  # noqa: E402
     LatencyStats,
     bench_runtimes,
     eager_runner,
     onnxruntime_runner,
     pt2_runner,
 )
-from effopt.optimizer.emit_onnx import export_onnx, quiet_third_party  # noqa: E402
+from effopt.optimizer.emit.onnx import export_onnx, quiet_third_party  # noqa: E402
 
 Runner = Callable[..., object]
 

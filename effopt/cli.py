@@ -66,7 +66,7 @@ def main() -> None:
 def inspect(recipe: Path, target: str | None) -> None:
     """Per-layer table: op, output shape, params, MACs, FLOPs, bytes, intensity."""
     from effopt.optimizer.compiler import prepare
-    from effopt.optimizer.tables import layer_table
+    from effopt.optimizer.report.tables import layer_table
 
     prepared = prepare(recipe, target=target)
     click.echo(layer_table(prepared.ir, prepared.profile if target else None))
@@ -100,7 +100,7 @@ def compile_cmd(recipe: Path, output: Path | None) -> None:
 def evaluate(recipe: Path, artifact: Path | None) -> None:
     """Metrics of the original model and of each emitted artefact on the recipe's data.eval."""
     from effopt.optimizer.compiler import evaluate_artefacts
-    from effopt.optimizer.report import evaluation_table
+    from effopt.optimizer.report.report import evaluation_table
 
     stages = evaluate_artefacts(recipe, artifact)
     first = stages[0].evaluation
@@ -116,7 +116,7 @@ def evaluate(recipe: Path, artifact: Path | None) -> None:
 def profile_host(output: Path, threads: int | None, quick: bool) -> None:
     """Measure this machine (matmul peaks per dtype, memory bandwidth, per-op overhead) into a profile YAML."""
     from effopt.hardware_profiles.host import measure_host_details, profile_to_yaml
-    from effopt.optimizer.bench_artefacts import _write_atomic
+    from effopt.optimizer.measure.bench_artefacts import _write_atomic
 
     m = measure_host_details(threads=threads, quick=quick)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def bench(source: Path, artifact: Path | None, batches: str, runs: int, warmup: 
 
     SOURCE is a recipe (the original model is timed too) or an artefact folder.
     """
-    from effopt.optimizer.bench_artefacts import append_to_report, load_bench_profile, run_bench, specs_from_report
+    from effopt.optimizer.measure.bench_artefacts import append_to_report, load_bench_profile, run_bench, specs_from_report
     from effopt.optimizer.compiler import prepare
 
     try:
@@ -166,7 +166,7 @@ def bench(source: Path, artifact: Path | None, batches: str, runs: int, warmup: 
 @_handle_errors
 def passes() -> None:
     """List the registered passes and their options."""
-    from effopt.optimizer.tables import passes_table
+    from effopt.optimizer.report.tables import passes_table
 
     click.echo(passes_table())
 

@@ -19,17 +19,17 @@ from torch import nn
 
 from effopt.errors import EmitError, PassError
 from effopt.hardware_profiles import HardwareProfile
-from effopt.optimizer.c_header import write_c_header
-from effopt.optimizer.data import DataSource
-from effopt.optimizer.emit import atomic_dir, export_program, save_pt2, sha256
-from effopt.optimizer.emit_onnx import compare_onnx, export_onnx, onnx_runner
-from effopt.optimizer.evaluate import Task, evaluate
-from effopt.optimizer.integer_lowering import IntegerExecutor, IntegerProgram, lower_to_integer, reference_integer_model
-from effopt.optimizer.ir import IR
-from effopt.optimizer.quantization import FakeQuant, freeze_weights
-from effopt.optimizer.report import ArtefactInfo, GoalCheck, Report, StageEvaluation
-from effopt.optimizer.torch_int8 import Unsupported, int8_summary, lower_to_torch_int8, save_torchscript
-from effopt.optimizer.verify import OutputAgreement, compare, quantized_fidelity, random_batches
+from effopt.optimizer.emit.c_header import write_c_header
+from effopt.optimizer.frontend.data import DataSource
+from effopt.optimizer.emit.pt2 import atomic_dir, export_program, save_pt2, sha256
+from effopt.optimizer.emit.onnx import compare_onnx, export_onnx, onnx_runner
+from effopt.optimizer.measure.evaluate import Task, evaluate
+from effopt.optimizer.lower.integer.lowering import IntegerExecutor, IntegerProgram, lower_to_integer, reference_integer_model
+from effopt.optimizer.ir.core import IR
+from effopt.optimizer.quant.schemes import FakeQuant, freeze_weights
+from effopt.optimizer.report.report import ArtefactInfo, GoalCheck, Report, StageEvaluation
+from effopt.optimizer.lower.torch_int8 import Unsupported, int8_summary, lower_to_torch_int8, save_torchscript
+from effopt.optimizer.measure.verify import OutputAgreement, compare, quantized_fidelity, random_batches
 from effopt.recipes.schema import Recipe
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def _emit_torch_int8(lowered: nn.Module, ir: IR, original: nn.Module, path: Path
                      recipe: Recipe) -> ArtefactInfo:
     """Save ``model_int8.pt`` (TorchScript), reload it, and check its fidelity like model.onnx's.
 
-    No sha256: the archive records some process history (see effopt.optimizer.torch_int8)."""
+    No sha256: the archive records some process history (see effopt.optimizer.lower.torch_int8)."""
     saved = save_torchscript(lowered, path, ir.example_inputs)
     fidelity = quantized_fidelity(original, ir.gm, torch.jit.load(str(saved.path)), batches, recipe.verify.atol)
     note = str(int8_summary(lowered))  # type: ignore[arg-type]
@@ -183,7 +183,7 @@ def _onnx_note(path: Path, model: nn.Module) -> str:
     """For a quantized model: what onnxruntime actually built from the QDQ graph (int8 kernels vs float)."""
     if not _quantized(model):
         return ""
-    from effopt.optimizer.onnx_quant import ort_fusion_report
+    from effopt.optimizer.lower.onnx_qdq import ort_fusion_report
 
     return f"QDQ graph; onnxruntime's optimized graph: {ort_fusion_report(path).summary()}"
 

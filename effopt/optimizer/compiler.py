@@ -16,21 +16,21 @@ from torch import nn
 
 from effopt.errors import EmitError, RecipeError
 from effopt.hardware_profiles import HardwareProfile, load_profile
-from effopt.optimizer.analysis import annotate, totals
+from effopt.optimizer.ir.analysis import annotate, totals
 from effopt.optimizer.artefacts import emit_artefacts, lower_for_integer_target
-from effopt.optimizer.cost_model import ModelCost, estimate
-from effopt.optimizer.data import DataSource, load_source
-from effopt.optimizer.evaluate import Task, evaluate, onnx_callable
-from effopt.optimizer.finetune import SERVICE_KEY as FINETUNE_SERVICE
-from effopt.optimizer.finetune import FineTuner
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.model_loading import load_model
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import PassRecord, run_passes
-from effopt.optimizer.planner import make_plan
-from effopt.optimizer.report import GoalCheck, PlanLine, Prediction, Report, StageEvaluation
-from effopt.optimizer.trace import trace_module
-from effopt.optimizer.verify import compare, random_batches, verify
+from effopt.optimizer.ir.cost_model import ModelCost, estimate
+from effopt.optimizer.frontend.data import DataSource, load_source
+from effopt.optimizer.measure.evaluate import Task, evaluate, onnx_callable
+from effopt.optimizer.train.finetune import SERVICE_KEY as FINETUNE_SERVICE
+from effopt.optimizer.train.finetune import FineTuner
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.optimizer.frontend.model import load_model
+from effopt.passes.base import PassContext
+from effopt.passes.manager import PassRecord, run_passes
+from effopt.passes.planner import make_plan
+from effopt.optimizer.report.report import GoalCheck, PlanLine, Prediction, Report, StageEvaluation
+from effopt.optimizer.ir.trace import trace_module
+from effopt.optimizer.measure.verify import compare, random_batches, verify
 from effopt.passes import REGISTRY
 from effopt.recipes.loading import LoadedRecipe, load_recipe, parse_recipe
 from effopt.recipes.schema import Recipe

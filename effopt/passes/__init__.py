@@ -7,7 +7,7 @@ lists this tuple with each pass's summary and options.
 from __future__ import annotations
 
 from effopt.errors import PassError
-from effopt.optimizer.pass_base import Pass
+from effopt.passes.base import Pass
 from effopt.passes.eliminate_dead_code import EliminateDeadCode
 from effopt.passes.fold_batchnorm import FoldBatchNorm
 from effopt.passes.quantize import Quantize

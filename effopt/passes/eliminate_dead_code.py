@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from effopt.optimizer.ir import IR
-from effopt.optimizer.pass_base import Pass, PassContext, PassOptions, PassResult, Skip
+from effopt.optimizer.ir.core import IR
+from effopt.passes.base import Pass, PassContext, PassOptions, PassResult, Skip
 
 _IDENTITY_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)

@@ -13,7 +13,7 @@ running statistics. Anything else is reported as a `Skip`.
 
 Functional layers (a ``torch.export`` program's ``aten.conv2d``/``aten.batch_norm``,
 or ``F.conv2d`` in a forward) are first lifted to modules
-(`effopt.optimizer.lift`), bit-identically, so they fold the same way.
+(`effopt.optimizer.ir.lift`), bit-identically, so they fold the same way.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from effopt.optimizer.ir import IR, facts
-from effopt.optimizer.lift import lift_functional_layers
-from effopt.optimizer.pass_base import Pass, PassContext, PassOptions, PassResult, Skip
+from effopt.optimizer.ir.core import IR, facts
+from effopt.optimizer.ir.lift import lift_functional_layers
+from effopt.passes.base import Pass, PassContext, PassOptions, PassResult, Skip
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -87,7 +87,7 @@ class FoldBatchNorm(Pass):
             assert isinstance(producer, fx.Node)
             self._fold(ir, producer, bn_node)
             folded.append(bn_node.name)
-        skipped += lift.skips(frozenset({"batch_norm"}))
+        skipped += [Skip(node, reason) for node, reason in lift.reasons(frozenset({"batch_norm"})).items()]
         changed += [name for name in folded if name not in changed]
         stats = {"folded": float(len(folded))}
         warnings: tuple[str, ...] = ()

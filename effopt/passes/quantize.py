@@ -3,7 +3,7 @@
 Modes:
 - ``static``: weights per output channel (symmetric int8) and activations per
   tensor (asymmetric uint8), scales calibrated on ``data.calibration``. The
-  rewrite follows the quantized-graph contract of `effopt.optimizer.quantization`:
+  rewrite follows the quantized-graph contract of `effopt.optimizer.quant.schemes`:
   conv/linear become `QuantConv`/`QuantLinear`, a `FakeQuant` goes on every
   integer-stored edge, conv+relu and add+relu share one output quantizer, and
   pass-through ops (max pool, flatten, ...) keep their input's quantizer.
@@ -20,7 +20,7 @@ preferring layers the cost model says are cheap to keep in float.
 
 Functional conv/linear calls (a ``torch.export`` program's ``aten.conv2d`` /
 ``aten.linear``, ``F.conv2d`` in a forward) are first lifted to ``nn`` modules
-(`effopt.optimizer.lift`, bit-identical), so they quantize like module layers;
+(`effopt.optimizer.ir.lift`, bit-identical), so they quantize like module layers;
 ``keep_float`` may name a lifted layer by its old node name or its new one.
 """
 
@@ -37,15 +37,15 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from effopt.errors import PassError
-from effopt.optimizer.analysis import canonical_op
-from effopt.optimizer.finetune_config import FineTuneConfig
-from effopt.optimizer.ir import IR, facts, has_facts
-from effopt.optimizer.lift import LiftResult, lift_functional_layers
-from effopt.optimizer.onnx_dynamic import dynamic_fake_quantize
-from effopt.optimizer.onnx_quant import FUSED_ACTIVATIONS as ORT_FUSED_ACTIVATIONS
-from effopt.optimizer.onnx_quant import PASS_THROUGH_KINDS as ORT_PASS_THROUGH_KINDS
-from effopt.optimizer.pass_base import Pass, PassContext, PassOptions, PassResult, Skip
-from effopt.optimizer.quantization import (
+from effopt.optimizer.ir.analysis import canonical_op
+from effopt.passes.finetuning import FineTuneConfig
+from effopt.optimizer.ir.core import IR, facts, has_facts
+from effopt.optimizer.ir.lift import LiftResult, lift_functional_layers
+from effopt.optimizer.lower.onnx_dynamic import dynamic_fake_quantize
+from effopt.optimizer.lower.onnx_qdq import FUSED_ACTIVATIONS as ORT_FUSED_ACTIVATIONS
+from effopt.optimizer.lower.onnx_qdq import PASS_THROUGH_KINDS as ORT_PASS_THROUGH_KINDS
+from effopt.passes.base import Pass, PassContext, PassOptions, PassResult, Skip
+from effopt.optimizer.quant.schemes import (
     FakeQuant,
     QScheme,
     QuantConv,
@@ -54,8 +54,8 @@ from effopt.optimizer.quantization import (
     worst_case_accumulator_bits,
 )
 
-# What the rewrite does with each canonical op kind (see effopt.optimizer.analysis.canonical_op);
-# measured on onnxruntime's int8 kernels, see effopt.optimizer.onnx_quant.
+# What the rewrite does with each canonical op kind (see effopt.optimizer.ir.analysis.canonical_op);
+# measured on onnxruntime's int8 kernels, see effopt.optimizer.lower.onnx_qdq.
 WEIGHTED_KINDS = frozenset({"conv", "linear"})
 INT8_KINDS = frozenset({"add", "cat", "avg_pool", "adaptive_avg_pool", "mean", "matmul", "mul"})
 FUSED_ACTIVATIONS = frozenset(ORT_FUSED_ACTIVATIONS)
@@ -325,7 +325,7 @@ class DynamicInput(nn.Module):
 
     The rule is onnxruntime's ``DynamicQuantizeLinear`` (`dynamic_fake_quantize`: uint8 over
     ``[min(x, 0), max(x, 0)]`` of the whole batch, float32 math), so the ONNX artefact, where
-    `effopt.optimizer.onnx_dynamic` lowers the layer to ``DynamicQuantizeMatMul``, computes the
+    `effopt.optimizer.lower.onnx_dynamic` lowers the layer to ``DynamicQuantizeMatMul``, computes the
     same codes. For export, `dynamic_export_form` swaps this module for ``inner``.
     """
 
@@ -367,7 +367,7 @@ def _calibration_batches(ctx: PassContext, limit: int) -> list[tuple[torch.Tenso
 
 
 def _calibrate_activations(gm: fx.GraphModule, quants: list[FakeQuant], batches: list[tuple[torch.Tensor, ...]], kind: str) -> None:
-    from effopt.optimizer.observers import make_observer
+    from effopt.optimizer.quant.observers import make_observer
 
     for fq in quants:
         fq.observer = make_observer(kind)  # type: ignore[arg-type]
@@ -385,7 +385,7 @@ def _calibrate_activations(gm: fx.GraphModule, quants: list[FakeQuant], batches:
 
 
 def _calibrate_weight(layer: QuantConv | QuantLinear, kind: str) -> None:
-    from effopt.optimizer.observers import make_observer
+    from effopt.optimizer.quant.observers import make_observer
 
     fq = layer.weight_quant
     w = layer.weight.detach()
@@ -479,7 +479,7 @@ def _float_cost(ir: IR, rw: _Rewrite, ctx: PassContext) -> dict[str, float]:
     """Predicted extra seconds of running each layer in fp32 instead of int8 on the target."""
     if ctx.profile is None or not all(has_facts(n) for n in rw.layer_nodes):
         return {}
-    from effopt.optimizer.cost_model import node_cost
+    from effopt.optimizer.ir.cost_model import node_cost
 
     out = {}
     for n in rw.layer_nodes:

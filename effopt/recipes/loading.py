@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from effopt.errors import PassError, RecipeError
-from effopt.optimizer.pass_base import Pass
+from effopt.passes.base import Pass
 from effopt.recipes.schema import Recipe
 
 
@@ -119,7 +119,7 @@ def resolve_passes(recipe: Recipe, label: str = "<recipe>", tree: yaml.Node | No
                 + f"\n  options of '{cls.name}': {_fields_hint(cls.Options)} (see `effopt passes`)"
             ) from e
         built.append(cls(options))
-    from effopt.optimizer.pass_manager import check_order
+    from effopt.passes.manager import check_order
 
     try:
         check_order(built)

@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from effopt.errors import IRError, TraceError
-from effopt.optimizer.analysis import annotate, layer_rows, totals
-from effopt.optimizer.ir import IR, InputSpec, facts
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.analysis import annotate, layer_rows, totals
+from effopt.optimizer.ir.core import IR, InputSpec, facts
+from effopt.optimizer.ir.trace import trace_module
 from tests.models import MNIST_CLASSIC_LAYER_FLOPS, MNIST_CLASSIC_TOTAL_FLOPS, ZOO, make_input
 
 
@@ -139,7 +139,7 @@ def test_facts_accessor_says_how_to_fix_missing_facts() -> None:
     builder, shape = ZOO["mlp"]
     ir = IR(trace_module(builder()), (InputSpec("x", shape),), (make_input(shape),))
     node = ir.compute_nodes()[0]
-    with pytest.raises(IRError, match=rf"node '{node.name}'.*run effopt.optimizer.analysis.annotate"):
+    with pytest.raises(IRError, match=rf"node '{node.name}'.*run effopt.optimizer.ir.analysis.annotate"):
         facts(node)
 
 

@@ -1,4 +1,4 @@
-"""effopt.optimizer.bench: timing helpers, interleaving order, runners, memory, Spearman, the table.
+"""effopt.optimizer.measure.bench: timing helpers, interleaving order, runners, memory, Spearman, the table.
 
 No assertion here depends on how fast the machine is (STYLE rule 24): only on counts, order,
 and relations that hold for any timings (p50 <= p90, throughput = batch / p50).
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effopt.optimizer.bench import (
+from effopt.optimizer.measure.bench import (
     LatencyStats,
     bench_runtimes,
     bench_table,
@@ -23,7 +23,7 @@ from effopt.optimizer.bench import (
     spearman,
     time_callable,
 )
-from effopt.optimizer.emit_onnx import export_onnx
+from effopt.optimizer.emit.onnx import export_onnx
 from tests.models import ZOO
 
 

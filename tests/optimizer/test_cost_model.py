@@ -8,10 +8,10 @@ from torch import nn
 
 from effopt.errors import ProfileError
 from effopt.hardware_profiles import load_profile
-from effopt.optimizer.analysis import annotate, layer_rows
-from effopt.optimizer.cost_model import check_runnable, estimate, node_cost
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.analysis import annotate, layer_rows
+from effopt.optimizer.ir.cost_model import check_runnable, estimate, node_cost
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.optimizer.ir.trace import trace_module
 from tests.models import ZOO, make_input
 
 A100_FP32_FLOPS_PER_S = 19.5e12

@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.emit_onnx: numerics, dynamic batch, determinism, cleanup, errors.
+"""Tests for effopt.optimizer.emit.onnx: numerics, dynamic batch, determinism, cleanup, errors.
 
 Each model is exported once per module (exports cost ~1 s each) and shared by the tests that
 only read the file.
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from effopt.errors import EmitError
-from effopt.optimizer import emit_onnx
-from effopt.optimizer.emit_onnx import OnnxAgreement, compare_onnx, export_onnx, run_onnx
+from effopt.optimizer.emit import onnx as emit_onnx
+from effopt.optimizer.emit.onnx import OnnxAgreement, compare_onnx, export_onnx, run_onnx
 
 RTOL = 1e-4
 ATOL = 1e-5

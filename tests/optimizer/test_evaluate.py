@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.evaluate: tasks, modes, errors, and scoring an ONNX file."""
+"""Tests for effopt.optimizer.measure.evaluate: tasks, modes, errors, and scoring an ONNX file."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from effopt.errors import DataError, EmitError
-from effopt.optimizer.data import DataSource
-from effopt.optimizer.evaluate import Evaluation, evaluate, onnx_callable
-from effopt.optimizer.metrics import classification_metrics
+from effopt.optimizer.frontend.data import DataSource
+from effopt.optimizer.measure.evaluate import Evaluation, evaluate, onnx_callable
+from effopt.optimizer.measure.metrics import classification_metrics
 
 
 def linear_source(labelled: bool = True, n: int = 10, batch: int = 4) -> DataSource:
@@ -130,8 +130,8 @@ def test_onnx_missing_file(tmp_path: Path) -> None:
 
 
 def test_data_subset_is_the_first_n_or_a_seeded_random_n() -> None:
-    from effopt.optimizer.data import load_source
-    from effopt.optimizer.ir import InputSpec
+    from effopt.optimizer.frontend.data import load_source
+    from effopt.optimizer.ir.core import InputSpec
     from effopt.recipes import parse_recipe
     from effopt.recipes.schema import DataSourceSpec
 

@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.finetune: recovery by distillation, determinism, budgets, rewinding.
+"""Tests for effopt.optimizer.train.finetune: recovery by distillation, determinism, budgets, rewinding.
 
 Every test starts from one DigitsNet trained for 3 epochs on scikit-learn's real digits
 (~0.98 test accuracy), built once per module, and works on deep copies of it.
@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from effopt.errors import DataError, PassError
-from effopt.optimizer.data import DataSource, sklearn_digits
-from effopt.optimizer.evaluate import evaluate
-from effopt.optimizer.finetune import (
+from effopt.optimizer.frontend.data import DataSource, sklearn_digits
+from effopt.optimizer.measure.evaluate import evaluate
+from effopt.optimizer.train.finetune import (
     FineTuneConfig,
     FineTuner,
     distillation_loss,

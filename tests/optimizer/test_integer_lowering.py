@@ -1,7 +1,7 @@
-"""Tests for effopt.optimizer.integer_lowering (and the C header of effopt.optimizer.c_header).
+"""Tests for effopt.optimizer.lower.integer.lowering (and the C header of effopt.optimizer.emit.c_header).
 
 Every quantized model here is built by hand the way the quantized-graph contract of
-`effopt.optimizer.quantization` describes it (FakeQuant on integer edges, QuantConv /
+`effopt.optimizer.quant.schemes` describes it (FakeQuant on integer edges, QuantConv /
 QuantLinear, fused relu before the output FakeQuant, pass-through max pool / flatten),
 calibrated with min/max ranges on seeded data, and traced with FakeQuant, QuantConv and
 QuantLinear as leaf modules. Each builder carries a drawing and returns
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effopt.errors import PassError
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.c_header import c_identifier, write_c_header
-from effopt.optimizer.integer_lowering import (
+from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.emit.c_header import c_identifier, write_c_header
+from effopt.optimizer.lower.integer.lowering import (
     INT32_MAX,
     INT32_MIN,
     IntAdd,
@@ -44,9 +44,9 @@ from effopt.optimizer.integer_lowering import (
     quantize_multiplier,
     reference_integer_model,
 )
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.quantization import (
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.passes.base import PassContext
+from effopt.optimizer.quant.schemes import (
     FakeQuant,
     QScheme,
     QuantConv,
@@ -54,7 +54,7 @@ from effopt.optimizer.quantization import (
     calibrate_weight,
     qparams_from_range,
 )
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.trace import trace_module
 from effopt.passes.fold_batchnorm import FoldBatchNorm
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")

@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.metrics: classification numbers vs scikit-learn, agreement by hand."""
+"""Tests for effopt.optimizer.measure.metrics: classification numbers vs scikit-learn, agreement by hand."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from effopt.optimizer.metrics import (
+from effopt.optimizer.measure.metrics import (
     AgreementMetrics,
     ClassificationMetrics,
     agreement_metrics,

@@ -1,11 +1,11 @@
-"""Tests for effopt.optimizer.observers: ranges by hand, error bounds, clipping wins, edge cases, determinism."""
+"""Tests for effopt.optimizer.quant.observers: ranges by hand, error bounds, clipping wins, edge cases, determinism."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from effopt.optimizer.observers import (
+from effopt.optimizer.quant.observers import (
     OBSERVER_KINDS,
     Histogram,
     Range,
@@ -17,7 +17,7 @@ from effopt.optimizer.observers import (
     make_observer,
     mean_sq_code_error,
 )
-from effopt.optimizer.quantization import WEIGHT_SCHEME, QScheme, fake_quantize, qparams_from_range
+from effopt.optimizer.quant.schemes import WEIGHT_SCHEME, QScheme, fake_quantize, qparams_from_range
 
 UINT8 = QScheme(bits=8)
 UINT4 = QScheme(bits=4)

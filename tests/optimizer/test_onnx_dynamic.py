@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.onnx_dynamic: dynamic int8 MatMul/Gemm in ONNX, and the torch export form.
+"""Tests for effopt.optimizer.lower.onnx_dynamic: dynamic int8 MatMul/Gemm in ONNX, and the torch export form.
 
 Two layers of tests: small hand-built ONNX graphs (one situation each, with a drawing) check the
 rewrite and its skips against a NumPy reference; models quantized by the quantize pass in
@@ -21,20 +21,20 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.emit_onnx import export_onnx
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.onnx_dynamic import (
+from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.emit.onnx import export_onnx
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.optimizer.lower.onnx_dynamic import (
     dynamic_export_form,
     dynamic_fake_quantize,
     dynamic_quantize_matmuls,
     dynamic_quantize_matmuls_detailed,
 )
-from effopt.optimizer.onnx_quant import ort_fusion_report, qdq_graph_report
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import run_passes
-from effopt.optimizer.quantization import QuantLinear, calibrate_weight, freeze_weights
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.lower.onnx_qdq import ort_fusion_report, qdq_graph_report
+from effopt.passes.base import PassContext
+from effopt.passes.manager import run_passes
+from effopt.optimizer.quant.schemes import QuantLinear, calibrate_weight, freeze_weights
+from effopt.optimizer.ir.trace import trace_module
 from effopt.passes.quantize import DynamicInput
 from effopt.recipes import parse_recipe
 from tests.models import ZOO, make_input
@@ -427,7 +427,7 @@ def test_weight_only_layer_next_to_a_dynamic_one_stays_float(tmp_path: Path) -> 
 def test_unfrozen_dynamic_layer_is_found_after_weight_folding(tmp_path: Path) -> None:
     """Without freeze_weights the exporter writes Q → Clip → DQ on the float weight; folding names the codes
     after the float weight (``0.linear.weight``), which the export form names too."""
-    from effopt.optimizer.onnx_quant import optimize_qdq_model
+    from effopt.optimizer.lower.onnx_qdq import optimize_qdq_model
 
     layer = QuantLinear(nn.Linear(16, 4))
     calibrate_weight(layer)

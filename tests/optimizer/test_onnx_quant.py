@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.onnx_quant: weight folding, bias/mean rewrites, and onnxruntime's fused graph.
+"""Tests for effopt.optimizer.lower.onnx_qdq: weight folding, bias/mean rewrites, and onnxruntime's fused graph.
 
 Models are quantized by hand the way the quantize pass does (quantization.py's contract plus
 onnx_quant's placement findings) and exported once per module; the tests that only read a file
@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from effopt.errors import EmitError
-from effopt.optimizer.emit_onnx import export_onnx
-from effopt.optimizer.onnx_quant import (
+from effopt.optimizer.emit.onnx import export_onnx
+from effopt.optimizer.lower.onnx_qdq import (
     FLOAT_KINDS,
     FUSED_ACTIVATIONS,
     ORT_INT8_KINDS,
@@ -36,7 +36,7 @@ from effopt.optimizer.onnx_quant import (
     quantize_linear,
     reduce_mean_to_global_pool,
 )
-from effopt.optimizer.quantization import (
+from effopt.optimizer.quant.schemes import (
     ACTIVATION_SCHEME,
     FakeQuant,
     QuantConv,

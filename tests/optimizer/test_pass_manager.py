@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from effopt.errors import PassError, RecipeError
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.ir import IR, InputSpec, facts
-from effopt.optimizer.pass_base import Pass, PassContext, PassResult
-from effopt.optimizer.pass_manager import check_order, run_passes
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.ir.core import IR, InputSpec, facts
+from effopt.passes.base import Pass, PassContext, PassResult
+from effopt.passes.manager import check_order, run_passes
+from effopt.optimizer.ir.trace import trace_module
 from effopt.passes import get_pass
 from effopt.recipes import parse_recipe
 

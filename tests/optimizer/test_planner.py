@@ -7,11 +7,11 @@ from typing import ClassVar
 import torch
 
 from effopt.hardware_profiles import load_profile
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.pass_base import Pass, PassContext, PassResult
-from effopt.optimizer.planner import make_plan
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.passes.base import Pass, PassContext, PassResult
+from effopt.passes.planner import make_plan
+from effopt.optimizer.ir.trace import trace_module
 from effopt.passes import REGISTRY, get_pass
 from tests.models import ZOO, make_input
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from effopt.optimizer.verify import QUANTIZED_FIDELITY_SLACK, quantized_fidelity
+from effopt.optimizer.measure.verify import QUANTIZED_FIDELITY_SLACK, quantized_fidelity
 
 
 class Noisy(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for effopt.optimizer.torch_int8: lowering quantized graphs to torch's x86 int8 kernels.
+"""Tests for effopt.optimizer.lower.torch_int8: lowering quantized graphs to torch's x86 int8 kernels.
 
 Each model is quantized the way a recipe does it (fold_batchnorm, eliminate_dead_code,
 quantize through the pass manager, with calibration data), then lowered. Every test first
@@ -24,13 +24,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from effopt.hardware_profiles import load_profile
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.data import DataSource, sklearn_digits
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import run_passes
-from effopt.optimizer.quantization import FakeQuant, QScheme, QuantConv, QuantLinear
-from effopt.optimizer.torch_int8 import (
+from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.frontend.data import DataSource, sklearn_digits
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.passes.base import PassContext
+from effopt.passes.manager import run_passes
+from effopt.optimizer.quant.schemes import FakeQuant, QScheme, QuantConv, QuantLinear
+from effopt.optimizer.lower.torch_int8 import (
     TORCH_INT8_NOTE,
     Unsupported,
     int8_agreement,
@@ -40,7 +40,7 @@ from effopt.optimizer.torch_int8 import (
     quantized_engine,
     save_torchscript,
 )
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.trace import trace_module
 from effopt.recipes import parse_recipe
 from examples.digits import DigitsNet
 from tests.models import ZOO, make_input, randomize_bn, seeded

@@ -6,10 +6,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from effopt.optimizer.analysis import annotate
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.pass_base import Pass
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.passes.base import Pass
+from effopt.optimizer.ir.trace import trace_module
 from effopt.recipes import parse_recipe
 
 

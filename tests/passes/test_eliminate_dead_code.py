@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effopt.errors import RecipeError
-from effopt.optimizer.ir import IR, facts
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import PassRecord, run_passes
+from effopt.optimizer.ir.core import IR, facts
+from effopt.passes.base import PassContext
+from effopt.passes.manager import PassRecord, run_passes
 from examples.digits import DigitsNet
 from tests.passes.helpers import build_ir, recipe_passes
 from tests.models import ZOO, randomize_bn, seeded

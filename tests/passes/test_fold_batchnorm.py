@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from effopt.errors import IRError, RecipeError
-from effopt.optimizer.data import sklearn_digits
-from effopt.optimizer.ir import IR, facts
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import PassRecord, run_passes
+from effopt.optimizer.frontend.data import sklearn_digits
+from effopt.optimizer.ir.core import IR, facts
+from effopt.passes.base import PassContext
+from effopt.passes.manager import PassRecord, run_passes
 from effopt.passes.fold_batchnorm import fold_bn_into_weights
 from examples.digits import DigitsNet
 from tests.passes.helpers import build_ir, recipe_passes

@@ -1,6 +1,6 @@
 """fold_batchnorm and quantize on functional layers: a torch.export program and F.conv2d in a forward.
 
-Both passes first lift functional conv/linear/batch_norm calls to modules (`effopt.optimizer.lift`),
+Both passes first lift functional conv/linear/batch_norm calls to modules (`effopt.optimizer.ir.lift`),
 then rewrite them like any module layer. Each test first asserts that the graph really holds
 functional layers and no modules, so it cannot pass while nothing is lifted.
 """
@@ -17,12 +17,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
-from effopt.optimizer.analysis import canonical_op
-from effopt.optimizer.data import DataSource
-from effopt.optimizer.ir import IR, facts
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import run_passes
-from effopt.optimizer.quantization import QuantConv, QuantLinear
+from effopt.optimizer.ir.analysis import canonical_op
+from effopt.optimizer.frontend.data import DataSource
+from effopt.optimizer.ir.core import IR, facts
+from effopt.passes.base import PassContext
+from effopt.passes.manager import run_passes
+from effopt.optimizer.quant.schemes import QuantConv, QuantLinear
 from examples.digits import DigitsNet
 from tests.models import ZOO, randomize_bn, seeded
 from tests.passes.helpers import build_ir, recipe_passes

@@ -12,14 +12,14 @@ from torch.utils.data import TensorDataset
 
 from effopt.errors import PassError, RecipeError
 from effopt.hardware_profiles import load_profile
-from effopt.optimizer.analysis import annotate, layer_rows, totals
-from effopt.optimizer.data import DataSource, sklearn_digits
-from effopt.optimizer.finetune import FineTuner
-from effopt.optimizer.ir import IR, InputSpec
-from effopt.optimizer.pass_base import PassContext
-from effopt.optimizer.pass_manager import run_passes
-from effopt.optimizer.quantization import FakeQuant, QuantConv, QuantLinear
-from effopt.optimizer.trace import trace_module
+from effopt.optimizer.ir.analysis import annotate, layer_rows, totals
+from effopt.optimizer.frontend.data import DataSource, sklearn_digits
+from effopt.optimizer.train.finetune import FineTuner
+from effopt.optimizer.ir.core import IR, InputSpec
+from effopt.passes.base import PassContext
+from effopt.passes.manager import run_passes
+from effopt.optimizer.quant.schemes import FakeQuant, QuantConv, QuantLinear
+from effopt.optimizer.ir.trace import trace_module
 from tests.models import ZOO, make_input
 from tests.passes.helpers import recipe_passes
 
@@ -136,7 +136,7 @@ def test_sites_the_pass_cannot_handle_are_reported() -> None:
 
 
 def test_int8_only_target_runs_a_fully_quantized_conv_net() -> None:
-    from effopt.optimizer.cost_model import estimate
+    from effopt.optimizer.ir.cost_model import estimate
 
     _, ir = build("vgg_style")
     mcu = load_profile("cortex-m7")
@@ -148,7 +148,7 @@ def test_int8_only_target_runs_a_fully_quantized_conv_net() -> None:
 
 
 def test_qdq_model_runs_int8_in_onnxruntime_and_agrees(tmp_path: Path) -> None:
-    from effopt.optimizer.emit_onnx import compare_onnx, export_onnx
+    from effopt.optimizer.emit.onnx import compare_onnx, export_onnx
 
     model, ir = build("resnet_style")
     shape = ZOO["resnet_style"][1]
@@ -158,7 +158,7 @@ def test_qdq_model_runs_int8_in_onnxruntime_and_agrees(tmp_path: Path) -> None:
     assert agreement.passed, agreement
     import onnx
 
-    from effopt.optimizer.onnx_quant import ort_fusion_report
+    from effopt.optimizer.lower.onnx_qdq import ort_fusion_report
 
     proto = onnx.load(str(path))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
@@ -187,7 +187,7 @@ def test_mixed_precision_promotes_the_most_sensitive_layers_until_within_budget(
     assert len(promoted) == record.result.stats["promoted_by_sensitivity"] >= 1
     with torch.no_grad():
         assert rel_error(ir.gm(x), model(x)) < plain_err
-    from effopt.optimizer.quantization import freeze_weights
+    from effopt.optimizer.quant.schemes import freeze_weights
 
     frozen = freeze_weights(copy.deepcopy(ir.gm))
     layers = [m for m in frozen.modules() if isinstance(m, (QuantConv, QuantLinear))]
@@ -246,7 +246,7 @@ def test_qat_at_4_bits_recovers_what_4_bit_ptq_lost() -> None:
 
 
 def test_ste_passes_gradients_through_rounding() -> None:
-    from effopt.optimizer.quantization import ACTIVATION_SCHEME, fake_quantize
+    from effopt.optimizer.quant.schemes import ACTIVATION_SCHEME, fake_quantize
 
     x = torch.linspace(-1, 2, 50, requires_grad=True)
     y = fake_quantize(x, torch.tensor(0.05), torch.tensor(20, dtype=torch.int32), ACTIVATION_SCHEME)

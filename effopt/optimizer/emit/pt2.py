@@ -1,0 +1,95 @@
+"""Write artefacts atomically: everything goes to a temp folder beside the target, then one rename.
+
+A failed compile never leaves a half-written output folder: either the old
+folder is still there untouched, or the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from effopt.errors import EmitError
+from effopt.optimizer.ir.core import InputSpec
+
+MAX_DYNAMIC_BATCH = 4096
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh temp folder; on success it replaces ``target`` in one rename, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the artefact folder should look like any other
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_args(
+    specs: Sequence[InputSpec], example_inputs: Sequence[torch.Tensor]
+) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, object] | None, ...] | None]:
+    """Example args and ``dynamic_shapes`` for torch.export with a shared dynamic batch.
+
+    torch.export specialises a dimension of size 1 to the constant 1, so a
+    dynamic batch is exported from examples of batch 2.
+    """
+    if not any(s.dynamic_batch for s in specs):
+        return tuple(example_inputs), None
+    batch = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+    args = []
+    for s, x in zip(specs, example_inputs):
+        if s.dynamic_batch and x.shape[0] == 1:
+            x = x.expand(2, *x.shape[1:]).contiguous()
+        args.append(x)
+    return tuple(args), tuple({0: batch} if s.dynamic_batch else None for s in specs)
+
+
+def export_program(module: nn.Module, specs: Sequence[InputSpec], example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+    """torch.export the optimized model with a dynamic batch where the recipe asks for one."""
+    from effopt.optimizer.emit.onnx import quiet_third_party  # torch.export prints partial graphs on failure
+
+    args, dynamic = export_args(specs, example_inputs)
+    try:
+        with quiet_third_party():
+            return torch.export.export(module, args, dynamic_shapes=dynamic)
+    except Exception as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        hint = (
+            "the inputs' dynamic_batch: false may help" if "specializ" in text or "Constraints violated" in text
+            else "replace data-dependent Python control flow in forward() with torch.where/torch.cond"
+        )
+        raise EmitError(
+            f"torch.export failed on the optimized {type(module).__name__}: {first}. Fix: {hint}; "
+            "or leave 'pt2' out of output.formats to skip this artefact"
+        ) from e
+
+
+def save_pt2(program: torch.export.ExportedProgram, path: Path) -> Path:
+    torch.export.save(program, str(path))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
