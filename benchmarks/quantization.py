@@ -98,7 +98,10 @@ from effopt.optimizer.measure.bench import (  # noqa: E402
     onnxruntime_runner,
     pt2_runner,
 )
-from effopt.optimizer.emit.onnx import export_onnx, quiet_third_party  # noqa: E402
+from effopt.optimizer.emit.onnx import export_onnx  # noqa: E402
+from effopt.optimizer.emit.quiet import quiet_third_party  # noqa: E402
+from effopt.optimizer.ir.compare import compare_tensors  # noqa: E402
+from effopt.optimizer.measure.runtime import open_session  # noqa: E402
 
 Runner = Callable[..., object]
 
@@ -396,7 +399,7 @@ def score(case: Case, variants: list[Variant]) -> None:
         if v.runner is None:
             continue
         logits = reference if v is variants[0] else _logits(v.runner, case.eval_inputs)
-        v.quality["agreement"] = float((logits.argmax(1) == reference.argmax(1)).double().mean())
+        v.quality["agreement"] = compare_tensors(logits, reference).top1_agreement or 0.0  # [N, classes]: never None
         cosine = torch.nn.functional.cosine_similarity(logits.double(), reference.double(), dim=1)
         v.quality["cosine"] = float(cosine.mean())
         if case.eval_labels is not None:
@@ -422,11 +425,7 @@ def ort_optimized_ops(path: Path, threads: int) -> Counter:
     """Op-type counts of the graph onnxruntime actually runs (default optimization level, CPU)."""
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(target)
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        open_session(path, threads, deterministic=False, optimized_model_path=target)
         graph = onnx.load(str(target), load_external_data=False).graph
     return Counter(node.op_type for node in graph.node)
 

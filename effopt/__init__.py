@@ -5,8 +5,23 @@
     result.passed, result.report.after.flops, result.model  # the optimized GraphModule
 """
 
-from effopt.errors import EffoptError
+from effopt.errors import (
+    DataError,
+    EffoptError,
+    EmitError,
+    InternalError,
+    IRError,
+    LoweringError,
+    PassError,
+    ProfileError,
+    RecipeError,
+    TraceError,
+    VerificationError,
+)
 from effopt.optimizer.compiler import Result, compile, prepare
 from effopt.recipes import Recipe, load_recipe
 
-__all__ = ["EffoptError", "Recipe", "Result", "compile", "load_recipe", "prepare"]
+__all__ = [
+    "DataError", "EffoptError", "EmitError", "IRError", "InternalError", "LoweringError", "PassError", "ProfileError",
+    "Recipe", "RecipeError", "Result", "TraceError", "VerificationError", "compile", "load_recipe", "prepare",
+]

@@ -2,7 +2,8 @@
 
 Most tests drive the real click command in-process with `CliRunner` (fast); two run the
 installed ``effopt`` script in a subprocess, to prove the exit code a shell really sees.
-Exit codes: 0 ok, 1 verification failed, 2 bad input (recipe, model, data).
+Exit codes: 0 ok, 1 verification failed, 2 bad input (recipe, model, data), 130 interrupted.
+Output folders, ``--force`` and Ctrl-C in a real process: tests/test_output_dir.py.
 
 Recipes are written to ``tmp_path``; models come from `tests.models` through
 ``model.pythonpath: [<repo root>]``, or from a small module written next to the recipe
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from effopt import compile as effopt_compile
 from effopt.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +180,7 @@ def test_leaf_modules_make_the_untraceable_model_compile(tmp_path: Path, leaf: s
     assert result.exit_code == 0, (result.output, result.exception)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["status"] == "passed"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".effopt-output", "report.json", "report.md"]
 
 
 def test_leaf_module_that_torch_export_cannot_emit_is_named(tmp_path: Path) -> None:
@@ -221,7 +223,8 @@ def test_compile_of_a_fine_model_exits_0(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.output, result.exception)
     assert "Status: **passed**" in result.stdout
     assert f"artefacts: {tmp_path / 'out'}" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "report.json", "report.md"]
+    listing = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert listing == [".effopt-output", "model.onnx", "report.json", "report.md"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["status"] == "passed"
 
 
@@ -303,3 +306,70 @@ def test_verification_failure_exits_1_and_still_writes_the_report(tmp_path: Path
     assert "atol=0" in failures[0]
     assert (out / "report.md").is_file() and (out / "model.onnx").is_file()
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+# --- Ctrl-C: exit 130, never "Aborted!" (1) or a diagnosis (2) ---------------------------------
+
+INTERRUPTED_TRACE_MODULE = '''\
+from torch import nn
+
+
+class HalfImported(nn.Module):
+    """Ctrl-C lands in torch's clean-up, which then fails on a half-imported module (the issue's false diagnosis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'guards'")
+
+
+def build():
+    return HalfImported()
+'''
+
+
+def assert_interrupted(result: Result) -> None:
+    assert result.exit_code == 130, (result.exit_code, result.output, result.exception)
+    assert result.stderr.strip() == "effopt: interrupted", result.stderr
+    assert "Aborted!" not in result.output and "error" not in result.output
+
+
+def test_an_error_raised_while_handling_ctrl_c_is_an_interrupt_not_a_diagnosis(tmp_path: Path) -> None:
+    (tmp_path / "cli_half_imported.py").write_text(INTERRUPTED_TRACE_MODULE)
+    recipe = write_recipe(tmp_path, """\
+        model: {factory: "cli_half_imported:build"}
+        inputs: [{name: x, shape: [1, 1, 8, 8]}]
+        """)
+
+    assert_interrupted(cli("compile", recipe, "-o", tmp_path / "out"))
+    assert_interrupted(cli("inspect", recipe))
+    with pytest.raises(KeyboardInterrupt):  # the Python API sees the interrupt too, never a TraceError
+        effopt_compile(recipe, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_any_command_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    from effopt.optimizer.report import tables
+
+    def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tables, "passes_table", interrupted)
+    assert_interrupted(cli("passes"))
+
+
+def test_ctrl_c_outside_a_command_body_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the command's own error handler runs, click itself would print "Aborted!" and exit 1."""
+    import effopt.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(effopt.cli, "_quiet_libraries", interrupted)
+    assert_interrupted(cli("passes"))
+    assert cli("--help").exit_code == 0 and cli("nope").exit_code == 2  # click's own exits are unchanged

@@ -25,7 +25,7 @@ from effopt.errors import EmitError
 from effopt.optimizer import artefacts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ARTEFACTS = ["model.onnx", "model.pt2", "report.json", "report.md"]
+ARTEFACTS = [".effopt-output", "model.onnx", "model.pt2", "report.json", "report.md"]  # the marker: see test_output_dir.py
 RTOL, ATOL = 1e-4, 1e-5
 
 RESNET_RECIPE = """\
@@ -189,7 +189,7 @@ def test_failed_emission_leaves_the_existing_output_untouched(tmp_path: Path, mo
     monkeypatch.setattr(artefacts, "export_onnx", failing_export)
 
     with pytest.raises(EmitError, match="simulated"):
-        effopt.compile(recipe, output_dir=out)
+        effopt.compile(recipe, output_dir=out, force=True)  # force: notes.txt is the user's, not effopt's
 
     assert seen_in_tmp == [["model.pt2"]]  # precondition: a half-written folder really existed
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt"]

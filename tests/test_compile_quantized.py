@@ -103,7 +103,7 @@ def test_the_torch_int8_artefact_follows_the_profiles_arch(tmp_path: Path) -> No
     shipped.pop("arch")
     (tmp_path / "anon-cpu.yaml").write_text(yaml.safe_dump(shipped | {"name": "anon-cpu"}))
     for target, expected in [("anon-cpu.yaml", "does not name its arch"), ("arm-cortex-a", "not an x86_64 CPU")]:
-        out = tmp_path / target
+        out = tmp_path / f"out-{target}"  # not the profile file itself: effopt never replaces a file
         recipe = _resnet_recipe(tmp_path) | {"target": str(tmp_path / target) if target.endswith(".yaml") else target,
                                              "output": {"formats": ["pt2"]}}
         result = effopt.compile(recipe, output_dir=out)

@@ -216,6 +216,34 @@ def host_arch() -> Arch | None:
     return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(machine)  # type: ignore[return-value]
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags /proc/cpuinfo lists (``avx2``, ``avx512_vnni``, ...); empty where it lists none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def host_int8_weight_bits(arch: Arch | None = None, flags: frozenset[str] | None = None) -> int:
+    """7 on an x86-64 CPU without VNNI, else 8: see `HardwareProfile.int8_weight_bits`.
+
+    Without VNNI, fbgemm's and onnxruntime's uint8 x int8 kernels sum products in pairs into a
+    saturating int16 (VPMADDUBSW): 255·127 + 255·127 = 64770 clips at 32767, so 8-bit weights give
+    wrong results on large activations; 7-bit weights (|w| ≤ 63: 2·255·63 = 32130) never do.
+
+    >>> host_int8_weight_bits("x86_64", frozenset({"avx2"})), host_int8_weight_bits("x86_64", frozenset({"avx512_vnni"}))
+    (7, 8)
+    """
+    arch = host_arch() if arch is None else arch
+    flags = cpu_flags() if flags is None else flags
+    if arch != "x86_64":
+        return 8
+    return 8 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 7
+
+
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (for profile descriptions and benchmark headers)."""
     try:
@@ -363,6 +391,7 @@ def measure_host_details(
         structured_sparsity="none",
         op_overhead_s=_sig4(overhead),
         accumulator_bits=32,
+        int8_weight_bits=host_int8_weight_bits(),
     )
     left_out = {d: v for d, v in flops.items() if d not in peaks}
     notes = [
@@ -459,5 +488,6 @@ def profile_to_yaml(profile: HardwareProfile, notes: Sequence[str] = ()) -> str:
         f"structured_sparsity: {_quoted(profile.structured_sparsity)}",
         f"op_overhead_s: {_number(profile.op_overhead_s)}",
         f"accumulator_bits: {profile.accumulator_bits}",
+        f"int8_weight_bits: {profile.int8_weight_bits}",
     ]
     return "\n".join(lines) + "\n"

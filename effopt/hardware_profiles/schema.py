@@ -181,6 +181,17 @@ class HardwareProfile(BaseModel):
         gt=0,
         description="Width of the integer accumulator in quantized dot products (usually 32).",
     )
+    int8_weight_bits: int = Field(
+        8,
+        ge=2,
+        le=8,
+        description=(
+            "Widest signed weight code range the target's int8 kernels multiply without overflow: 8, "
+            "or 7 on x86 CPUs without VNNI, whose VPMADDUBSW adds two uint8 x int8 products into a "
+            "saturating int16 (255 x 127 x 2 > 32767, but 255 x 63 x 2 fits). The quantize pass "
+            "keeps int8 weights within it, as onnxruntime's and torch's reduce_range do."
+        ),
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> HardwareProfile:

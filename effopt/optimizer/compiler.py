@@ -8,16 +8,19 @@ which step and which input broke.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-from effopt.errors import EmitError, RecipeError
+from effopt.errors import EmitError, FxTraceError, RecipeError, TraceError
 from effopt.hardware_profiles import HardwareProfile, load_profile
 from effopt.optimizer.ir.analysis import annotate, totals
 from effopt.optimizer.artefacts import emit_artefacts, lower_for_integer_target
+from effopt.optimizer.emit.writer import check_output_dir
 from effopt.optimizer.ir.cost_model import ModelCost, estimate
 from effopt.optimizer.frontend.data import DataSource, load_source
 from effopt.optimizer.measure.evaluate import Task, evaluate, onnx_callable
@@ -29,7 +32,9 @@ from effopt.passes.base import PassContext
 from effopt.passes.manager import PassRecord, run_passes
 from effopt.passes.planner import make_plan
 from effopt.optimizer.report.report import GoalCheck, PlanLine, Prediction, Report, StageEvaluation
-from effopt.optimizer.ir.trace import trace_module
+from effopt.optimizer.emit.pt2 import export_args
+from effopt.optimizer.emit.quiet import first_line, quiet_third_party
+from effopt.optimizer.ir.trace import as_graph_module, raise_if_interrupted, trace_module
 from effopt.optimizer.measure.verify import compare, random_batches, verify
 from effopt.passes import REGISTRY
 from effopt.recipes.loading import LoadedRecipe, load_recipe, parse_recipe
@@ -44,6 +49,7 @@ class Prepared:
     profile: HardwareProfile
     model: nn.Module
     ir: IR
+    warnings: tuple[str, ...] = ()  # for the report, e.g. that torch.export traced the model because fx could not
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,16 @@ class Result:
 
 
 def as_loaded(recipe: str | Path | Recipe | LoadedRecipe | dict) -> LoadedRecipe:
+    """Any accepted form of a recipe, loaded; anything else (``effopt.compile(42)``) is a `RecipeError`."""
     if isinstance(recipe, LoadedRecipe):
         return recipe
     if isinstance(recipe, (Recipe, dict)):
         return parse_recipe(recipe)
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise RecipeError(
+            f"recipe: got {type(recipe).__name__} {recipe!r:.60}; pass a recipe file path, a dict with the recipe's "
+            "content, or an effopt.Recipe"
+        )
     return load_recipe(recipe)
 
 
@@ -85,12 +97,16 @@ def input_specs(recipe: Recipe) -> tuple[InputSpec, ...]:
 
 def build_ir(model: nn.Module, loaded: LoadedRecipe) -> IR:
     """Trace (or take the exported graph of) ``model`` and annotate it on seeded example inputs."""
+    return trace_ir(model, loaded)[0]
+
+
+def trace_ir(model: nn.Module, loaded: LoadedRecipe) -> tuple[IR, tuple[str, ...]]:
+    """`build_ir`, plus warnings for the report (the torch.export fallback, see `_graph_of`)."""
     recipe = loaded.recipe
     specs = input_specs(recipe)
-    if recipe.model.exported is not None:
-        gm = copy.deepcopy(model)
-    else:
-        gm = trace_module(model, recipe.model.leaf_modules)
+    g = torch.Generator().manual_seed(recipe.seed)
+    examples = tuple(s.example(g) for s in specs)
+    gm, warnings = _graph_of(model, loaded, specs, examples)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(specs):
         raise RecipeError(
@@ -98,9 +114,52 @@ def build_ir(model: nn.Module, loaded: LoadedRecipe) -> IR:
             f"({', '.join(s.name for s in specs)}) but the model's forward takes {len(placeholders)} "
             f"({', '.join(str(p.target) for p in placeholders)})"
         )
-    g = torch.Generator().manual_seed(recipe.seed)
-    examples = tuple(s.example(g) for s in specs)
-    return annotate(IR(gm, specs, examples))
+    return annotate(IR(gm, specs, examples)), warnings
+
+
+def _graph_of(
+    model: nn.Module, loaded: LoadedRecipe, specs: tuple[InputSpec, ...], examples: tuple[torch.Tensor, ...]
+) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """The model's graph: the exported program's, fx's, or torch.export's when fx cannot trace it.
+
+    fx keeps module structure (``layer1.conv``) and is tried first; forward parameters
+    beyond the declared inputs are bound to their defaults. When fx still fails (e.g.
+    ``if x.dim() == 3:`` in forward), torch.export traces the aten-level graph, the
+    same path as ``model.exported``, and the report says so. Only when both fail is it
+    a `TraceError`, with both reasons and the fix that fits.
+    """
+    recipe = loaded.recipe
+    if recipe.model.exported is not None:
+        return copy.deepcopy(model), ()
+    try:
+        return trace_module(model, recipe.model.leaf_modules, n_inputs=len(specs)), ()
+    except FxTraceError as fx_error:
+        args, dynamic = export_args(specs, examples)
+        try:
+            with quiet_third_party():
+                program = torch.export.export(model, args, dynamic_shapes=dynamic)
+            # a copy, as for model.exported: passes edit it, and the copy drops module()'s refusal of .eval()
+            gm = copy.deepcopy(as_graph_module(program))
+        except Exception as export_error:
+            raise_if_interrupted(export_error)
+            text = str(export_error)
+            raise TraceError(
+                f"{loaded.label}: model: {fx_error.reason()}; torch.export, tried next, failed too: "
+                f"{type(export_error).__name__}: {first_line(text)}. Fix: {_both_failed_hint(fx_error, text)}"
+            ) from export_error
+        line = os.path.basename(fx_error.line) if fx_error.line else None  # no absolute paths in the report
+        return gm, (f"traced with torch.export because fx could not: {fx_error.reason(line)}",)
+
+
+def _both_failed_hint(fx_error: FxTraceError, export_text: str) -> str:
+    """The fix for a model neither tracer takes, chosen by what torch.export tripped on."""
+    if "Constraints violated" in export_text or "specializ" in export_text:
+        return ("torch.export needs a fixed batch for this forward: set dynamic_batch: false on the inputs (with "
+                "the batch you need as shape[0]), or make the forward work for any batch size")
+    if "data-dependent" in export_text or "DataDependent" in export_text:
+        return (f"{fx_error.hint} (Python `if` on tensor values stops both tracers; torch.where or torch.cond "
+                "works for both)")
+    return fx_error.hint
 
 
 def prepare(recipe: str | Path | Recipe | LoadedRecipe | dict, target: str | None = None) -> Prepared:
@@ -108,7 +167,8 @@ def prepare(recipe: str | Path | Recipe | LoadedRecipe | dict, target: str | Non
     loaded = as_loaded(recipe)
     profile = load_profile(target or loaded.recipe.target, base_dir=loaded.base_dir)
     model = load_model(loaded)
-    return Prepared(loaded, profile, model, build_ir(model, loaded))
+    ir, warnings = trace_ir(model, loaded)
+    return Prepared(loaded, profile, model, ir, warnings)
 
 
 def _source(loaded: LoadedRecipe, specs: tuple[InputSpec, ...], role: str) -> DataSource | None:
@@ -176,14 +236,25 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     recipe: str | Path | Recipe | LoadedRecipe | dict,
     output_dir: str | Path | None = None,
     emit: bool = True,
+    force: bool = False,
 ) -> Result:
     """Optimize the recipe's model; write artefacts unless ``emit=False``.
 
     Artefacts are written even when verification or a goal fails (``report.json``
     then says ``"status": "failed"`` and why), so a missed goal still leaves
     something to look at; callers check `Result.passed` (the CLI exits 1).
+
+    The output folder is checked before anything runs (`check_output_dir`): effopt
+    replaces only a folder it wrote itself, so ``output_dir="."`` or a folder of
+    the user's files raises `EmitError` at once; ``force=True`` writes effopt's
+    files into such a folder and removes nothing effopt did not write.
     """
-    prepared = prepare(recipe)
+    loaded = as_loaded(recipe)
+    out = None
+    if emit:
+        out = Path(output_dir) if output_dir is not None else loaded.resolve(loaded.recipe.output.dir)
+        check_output_dir(out, force)
+    prepared = prepare(loaded)
     loaded, model, profile = prepared.loaded, prepared.model, prepared.profile
     r = loaded.recipe
     specs = prepared.ir.inputs
@@ -237,12 +308,13 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
         prediction=prediction,
         plan=plan,
         goals=_goal_checks(r, prediction, evaluations) + ((integer.goal,) if integer is not None else ()),
+        warnings=prepared.warnings,
     )
-    out = None
-    if emit:
-        out = Path(output_dir) if output_dir is not None else loaded.resolve(r.output.dir)
+    if out is not None:
         try:
-            report = emit_artefacts(out, report, ir, r, model, integer.program if integer is not None else None, profile)
+            report = emit_artefacts(
+                out, report, ir, r, model, integer.program if integer is not None else None, profile, force=force
+            )
         except EmitError as e:
             if not r.model.leaf_modules:
                 raise

@@ -3,8 +3,11 @@
 After a pass that changed something the manager lints the graph, recompiles,
 deletes submodules nothing calls any more, re-runs the analysis and records the
 before/after totals, so a pass's savings come from the one counter the cost
-model also reads. A failing pass is re-raised as `PassError` naming the pass and
-the passes that ran before it.
+model also reads. A pass that rejects its input (any `EffoptError`) is re-raised as
+`PassError` naming the pass and the passes that ran before it: bad input, exit 2.
+Any other exception is a bug in the pass, re-raised as `InternalError` with the
+same names and the original as ``__cause__``, so the CLI prints the traceback and
+exits 3 instead of blaming the user's model.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from effopt.errors import EffoptError, PassError
+from effopt.errors import EffoptError, InternalError, PassError
 from effopt.optimizer.ir.analysis import annotate, totals
 from effopt.optimizer.ir.core import IR, CostTotals
+from effopt.optimizer.ir.trace import raise_if_interrupted
 from effopt.passes.base import Pass, PassContext, PassResult
 
 
@@ -67,8 +71,9 @@ def run_passes(
                 annotate(ir.lint().recompile())
         except EffoptError as e:
             raise PassError(f"pass '{p.name}' failed{_after(records)}: {e}") from e
-        except Exception as e:  # a bug in a pass: name it, keep the traceback
-            raise PassError(f"pass '{p.name}' failed{_after(records)}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # a bug in a pass, not bad input: name it, keep the traceback
+            raise_if_interrupted(e)  # Ctrl-C stays an interrupt
+            raise InternalError(f"pass '{p.name}' crashed{_after(records)}: {type(e).__name__}: {e}") from e
         after = totals(ir)
         records.append(
             PassRecord(

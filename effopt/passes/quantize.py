@@ -3,7 +3,7 @@
 Modes:
 - ``static``: weights per output channel (symmetric int8) and activations per
   tensor (asymmetric uint8), scales calibrated on ``data.calibration``. The
-  rewrite follows the quantized-graph contract of `effopt.optimizer.quant.schemes`:
+  rewrite follows the quantized-graph contract of `effopt.optimizer.quant.contract`:
   conv/linear become `QuantConv`/`QuantLinear`, a `FakeQuant` goes on every
   integer-stored edge, conv+relu and add+relu share one output quantizer, and
   pass-through ops (max pool, flatten, ...) keep their input's quantizer.
@@ -36,15 +36,23 @@ import torch.fx as fx
 from pydantic import Field, model_validator
 from torch import nn
 
-from effopt.errors import PassError
+from effopt.errors import InternalError, PassError
 from effopt.optimizer.ir.analysis import canonical_op
 from effopt.passes.finetuning import FineTuneConfig
+from effopt.optimizer.ir.compare import compare_tensors, concat_flat, output_tensors
 from effopt.optimizer.ir.core import IR, facts, has_facts
 from effopt.optimizer.ir.lift import LiftResult, lift_functional_layers
-from effopt.optimizer.lower.onnx_dynamic import dynamic_fake_quantize
-from effopt.optimizer.lower.onnx_qdq import FUSED_ACTIVATIONS as ORT_FUSED_ACTIVATIONS
-from effopt.optimizer.lower.onnx_qdq import PASS_THROUGH_KINDS as ORT_PASS_THROUGH_KINDS
 from effopt.passes.base import Pass, PassContext, PassOptions, PassResult, Skip
+from effopt.optimizer.quant.contract import (
+    PASS_THROUGH_KINDS,
+    REQUANTIZED_KINDS,
+    SPLIT_KINDS,
+    TIED_QPARAMS_KINDS,
+    WEIGHTED_KINDS,
+    activation_after,
+    quantizer_node,
+)
+from effopt.optimizer.quant.dynamic import DynamicInput
 from effopt.optimizer.quant.schemes import (
     FakeQuant,
     QScheme,
@@ -53,14 +61,6 @@ from effopt.optimizer.quant.schemes import (
     quantize_values,
     worst_case_accumulator_bits,
 )
-
-# What the rewrite does with each canonical op kind (see effopt.optimizer.ir.analysis.canonical_op);
-# measured on onnxruntime's int8 kernels, see effopt.optimizer.lower.onnx_qdq.
-WEIGHTED_KINDS = frozenset({"conv", "linear"})
-INT8_KINDS = frozenset({"add", "cat", "avg_pool", "adaptive_avg_pool", "mean", "matmul", "mul"})
-FUSED_ACTIVATIONS = frozenset(ORT_FUSED_ACTIVATIONS)
-PASS_THROUGH_KINDS = ORT_PASS_THROUGH_KINDS | {"adaptive_max_pool", "contiguous", "unflatten"}
-TIED_KINDS = frozenset({"getitem", "interpolate"})  # need their own FakeQuant, with the input's parameters
 
 
 class QatOptions(FineTuneConfig):
@@ -105,6 +105,21 @@ class LayerSensitivity:
     precision: str         # what it got: the pass's bits, "8-bit" (promoted from 4/2) or "float"
 
 
+def within_kernel_weight_range(options: QuantizeOptions, profile: object | None) -> tuple[QuantizeOptions, list[str]]:
+    """The options with weight bits cut to what the target's int8 kernels multiply without overflow.
+
+    On ``x86-avx2`` (`HardwareProfile.int8_weight_bits` = 7: no VNNI, pair sums saturate in int16)
+    ``bits: 8`` becomes 7 (codes −63..63) for static and dynamic mode; 4 and 2 bits, weight-only mode
+    (float compute) and targets without the limit are left alone.
+    """
+    cap = getattr(profile, "int8_weight_bits", 8)
+    if options.mode == "weight_only" or options.bits <= cap:
+        return options, []
+    note = (f"weights use {cap} bits, not {options.bits}: {getattr(profile, 'name', 'the target')}'s int8 kernels "
+            f"add u8 x s8 products in pairs into a saturating int16 (int8_weight_bits: {cap} in the profile)")
+    return options.model_copy(update={"bits": cap}), [note]
+
+
 def weight_scheme(options: QuantizeOptions) -> QScheme:
     return QScheme(bits=options.bits, signed=True, symmetric=True, axis=0 if options.per_channel else None)
 
@@ -129,12 +144,11 @@ class Quantize(Pass):
         return None
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
-        o = self.options
+        o, warnings = within_kernel_weight_range(self.options, ctx.profile)
         lift = lift_functional_layers(ir, WEIGHTED_KINDS)
         float_model = copy.deepcopy(ir.gm) if (o.qat or o.mixed_precision) else None
         rewrite = _Rewrite(ir, o, lift)
         rewrite.apply()
-        warnings: list[str] = []
         stats: dict[str, float] = {"quantized_layers": float(len(rewrite.layers))}
         if lift.lifted:
             stats["lifted_functional_layers"] = float(len(lift.lifted))
@@ -206,13 +220,13 @@ class _Rewrite:
                 continue
             if kind in WEIGHTED_KINDS:
                 self._weighted(n, kind)
-            elif kind in INT8_KINDS and self.o.mode == "static":
+            elif kind in REQUANTIZED_KINDS and self.o.mode == "static":
                 self._int8_op(n, kind)
             elif kind in PASS_THROUGH_KINDS:
                 first = n.all_input_nodes[0] if n.all_input_nodes else None
                 if first is not None and first in self.quantized and self.quantized[first] is first:
                     self.quantized[n] = n
-            elif kind in TIED_KINDS and self.o.mode == "static":
+            elif kind in TIED_QPARAMS_KINDS and self.o.mode == "static":
                 self._tied(n)
         self.ir.lint().recompile()
 
@@ -269,7 +283,7 @@ class _Rewrite:
     def _tied(self, n: fx.Node) -> None:
         """split/chunk outputs and interpolate keep their input's scale, but onnxruntime needs a Q/DQ after them."""
         source = n.all_input_nodes[0] if n.all_input_nodes else None
-        if source is not None and self.kind(source) in ("chunk", "split", "unbind"):
+        if source is not None and self.kind(source) in SPLIT_KINDS:
             source = source.all_input_nodes[0] if source.all_input_nodes else None
         if source is None or source not in self.quantized or self.quantized[source] is not source:
             return
@@ -295,9 +309,11 @@ class _Rewrite:
 
     def _fake_quant_of(self, node: fx.Node) -> FakeQuant:
         """The FakeQuant that quantized ``node``'s value (walking back through pass-through ops)."""
-        while not (node.op == "call_module" and isinstance(self.gm.get_submodule(str(node.target)), FakeQuant)):
-            node = node.all_input_nodes[0]
-        return self.gm.get_submodule(str(node.target))  # type: ignore[return-value]
+        quant = quantizer_node(node, self.gm)
+        if quant is None:
+            raise InternalError(f"quantize: node '{node.name}' should carry a quantized value but no FakeQuant "
+                                "precedes it through pass-through ops")
+        return self.gm.get_submodule(str(quant.target))  # type: ignore[return-value]
 
     def _quantize_inputs(self, n: fx.Node) -> None:
         for a in list(n.all_input_nodes):
@@ -309,43 +325,12 @@ class _Rewrite:
             self.groups[n.name].append(self._fake_quant_of(q))
 
     def _quantize_output(self, n: fx.Node) -> None:
-        users = list(n.users)
-        tail = n
-        if len(users) == 1 and users[0].op != "output" and self.kind(users[0]) in FUSED_ACTIVATIONS:
-            tail = users[0]
+        tail = activation_after(n, self.gm) or n  # conv → relu → q: the relu shares the conv's quantizer
         old_users = list(tail.users)
         q = self._quantizer_after(tail)
         for u in old_users:
             u.replace_input_with(tail, q)
         self.groups[n.name].append(self._fake_quant_of(q))
-
-
-class DynamicInput(nn.Module):
-    """Dynamic quantization of a Linear's input: the range of each batch gives its scale, at run time.
-
-    The rule is onnxruntime's ``DynamicQuantizeLinear`` (`dynamic_fake_quantize`: uint8 over
-    ``[min(x, 0), max(x, 0)]`` of the whole batch, float32 math), so the ONNX artefact, where
-    `effopt.optimizer.lower.onnx_dynamic` lowers the layer to ``DynamicQuantizeMatMul``, computes the
-    same codes. For export, `dynamic_export_form` swaps this module for ``inner``.
-    """
-
-    effopt_kind = "linear"
-
-    def __init__(self, inner: QuantLinear) -> None:
-        super().__init__()
-        self.inner = inner
-        self.compute_dtype = "int8"
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.inner.weight
-
-    @property
-    def weight_quant(self) -> FakeQuant:
-        return self.inner.weight_quant
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(dynamic_fake_quantize(x))
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -413,13 +398,16 @@ def _accumulator_warnings(ir: IR, rw: _Rewrite, ctx: PassContext) -> list[str]:
 
 
 def _relative_error(gm: nn.Module, reference: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> float:
-    num = den = 0.0
+    """``||y_q − y||² / ||y||²`` over every output and batch: the squared `Agreement.relative_l2`.
+
+    E.g. y = [3, 4], y_q = [3, 3.5] gives 0.25 / 25 = 0.01, exactly ``max_output_error``'s default."""
+    got: list[torch.Tensor] = []
+    want: list[torch.Tensor] = []
     with torch.no_grad():
         for inputs in batches:
-            y, r = gm(*inputs), reference(*inputs)
-            num += float(((y - r) ** 2).sum())
-            den += float((r**2).sum())
-    return num / den if den else 0.0
+            got += output_tensors(gm(*inputs))
+            want += output_tensors(reference(*inputs))
+    return compare_tensors(concat_flat(got), concat_flat(want)).relative_l2 ** 2
 
 
 def _set_enabled(quants: Iterable[FakeQuant], enabled: bool) -> None:
@@ -446,7 +434,7 @@ def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassCont
         if within_budget():
             break
         layer = next(m for n, m in zip(rw.layer_nodes, rw.layers) if n is node)
-        promoted[node.name] = _promote(layer, rw.groups[node.name], o)
+        promoted[node.name] = _promote(layer, rw.groups[node.name], o, getattr(ctx.profile, "int8_weight_bits", 8))
     return [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"))
             for n in rw.layer_nodes]
 
@@ -463,13 +451,14 @@ def _budget_check(
     return lambda: _relative_error(gm, float_model, batches) <= o.max_output_error
 
 
-def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions) -> str:
-    """Give a sensitive layer the next higher precision the ladder has: 8-bit weights after 4/2-bit, else float."""
-    if o.bits < 8:
-        eight = QScheme(bits=8, signed=True, symmetric=True, axis=layer.weight_quant.scheme.axis)
-        layer.weight_quant = FakeQuant(eight, layer.weight.shape[0])
+def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions, widest: int = 8) -> str:
+    """Give a sensitive layer the next higher precision the ladder has: ``widest``-bit weights (8, or the
+    target's `int8_weight_bits`) after 4/2-bit, else float."""
+    if o.bits < widest:
+        higher = QScheme(bits=widest, signed=True, symmetric=True, axis=layer.weight_quant.scheme.axis)
+        layer.weight_quant = FakeQuant(higher, layer.weight.shape[0])
         _calibrate_weight(layer, o.weight_observer)
-        return "8-bit"
+        return f"{widest}-bit"
     _set_enabled(group, False)
     layer.compute_dtype = "fp32"  # the cost model must see that it computes in float now
     return "float"

@@ -1,7 +1,7 @@
-"""Tests for effopt.optimizer.lower.integer.lowering (and the C header of effopt.optimizer.emit.c_header).
+"""Tests for effopt.optimizer.lower.integer (and the C header of effopt.optimizer.emit.c_header).
 
 Every quantized model here is built by hand the way the quantized-graph contract of
-`effopt.optimizer.quant.schemes` describes it (FakeQuant on integer edges, QuantConv /
+`effopt.optimizer.quant.contract` describes it (FakeQuant on integer edges, QuantConv /
 QuantLinear, fused relu before the output FakeQuant, pass-through max pool / flatten),
 calibrated with min/max ranges on seeded data, and traced with FakeQuant, QuantConv and
 QuantLinear as leaf modules. Each builder carries a drawing and returns
@@ -29,7 +29,8 @@ from torch import nn
 from effopt.errors import PassError
 from effopt.optimizer.ir.analysis import annotate
 from effopt.optimizer.emit.c_header import c_identifier, write_c_header
-from effopt.optimizer.lower.integer.lowering import (
+from effopt.optimizer.lower.integer.geometry import pool_window
+from effopt.optimizer.lower.integer import (
     INT32_MAX,
     INT32_MIN,
     IntAdd,
@@ -37,6 +38,7 @@ from effopt.optimizer.lower.integer.lowering import (
     IntegerExecutor,
     IntegerProgram,
     IntLinear,
+    QParams,
     headroom_shift,
     integer_accuracy,
     lower_to_integer,
@@ -428,6 +430,32 @@ def test_multiply_by_quantized_multiplier_per_channel_broadcast() -> None:
 def test_multiply_by_quantized_multiplier_rejects_float_accumulators() -> None:
     with pytest.raises(Exception, match="integer array"):
         multiply_by_quantized_multiplier(np.array([1.5]), 1 << 30, 0)
+
+
+# --- qparams and window geometry -------------------------------------------------------------------------------
+
+
+def test_qparams_of_an_unsigned_fake_quant_shift_to_int8() -> None:
+    fq = FakeQuant(QScheme()).set_qparams(torch.tensor(6 / 255), torch.tensor(0))  # relu output over [0, 6]
+    qp = QParams.of(fq)
+    assert (qp.zero_point, qp.qmin, qp.qmax) == (-128, -128, 127)
+    assert qp.code_of(6.0) == 127 and qp.code_of(0.0) == -128 and qp.span == 255
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "in_sp", "out_sp", "padding"),
+    [
+        ("max_pool", {"kernel_size": 3, "stride": 2, "padding": 1}, (8, 8), (5, 5), ((1, 2), (1, 2))),  # ceil_mode
+        ("max_pool", {"kernel_size": 2}, (8, 8), (4, 4), ((0, 0), (0, 0))),
+        ("adaptive_avg_pool", {}, (8, 8), (2, 2), ((0, 0), (0, 0))),
+    ],
+)
+def test_pool_window_reproduces_torch_output_sizes(kind: str, params: dict, in_sp: tuple, out_sp: tuple,
+                                                   padding: tuple) -> None:
+    win = pool_window("p", kind, lambda attr, pos, default: params.get(attr, default), in_sp, out_sp)
+    assert not isinstance(win, str) and win.padding == padding
+    assert pool_window("p", "adaptive_avg_pool", lambda *a: None, (8, 8), (3, 3)) == (
+        "has output size (3, 3) that does not divide the input (8, 8): windows differ in size")
 
 
 # --- lowering: structure ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Tests for effopt.optimizer.lower.onnx_qdq: weight folding, bias/mean rewrites, and onnxruntime's fused graph.
+"""Tests for effopt.optimizer.lower.onnx_qdq and .ort_fusion: weight folding, bias/mean rewrites, onnxruntime's graph.
 
-Models are quantized by hand the way the quantize pass does (quantization.py's contract plus
-onnx_quant's placement findings) and exported once per module; the tests that only read a file
+Models are quantized by hand the way the quantize pass does (effopt.optimizer.quant.contract,
+placements measured in docs/quantization.md) and exported once per module; the tests that only read a file
 share it.
 """
 
@@ -23,19 +23,16 @@ from effopt.errors import EmitError
 from effopt.optimizer.emit.onnx import export_onnx
 from effopt.optimizer.lower.onnx_qdq import (
     FLOAT_KINDS,
-    FUSED_ACTIVATIONS,
     ORT_INT8_KINDS,
-    PASS_THROUGH_KINDS,
-    TIED_QPARAMS_KINDS,
     activation_fuses,
     drop_conv_weight_zero_points,
     fold_weight_quantization,
     fold_weight_quantization_detailed,
-    ort_fusion_report,
-    qdq_graph_report,
     quantize_linear,
     reduce_mean_to_global_pool,
 )
+from effopt.optimizer.lower.ort_fusion import ort_fusion_report, qdq_graph_report
+from effopt.optimizer.quant.contract import FUSED_ACTIVATIONS, PASS_THROUGH_KINDS, TIED_QPARAMS_KINDS, role
 from effopt.optimizer.quant.schemes import (
     ACTIVATION_SCHEME,
     FakeQuant,
@@ -44,8 +41,9 @@ from effopt.optimizer.quant.schemes import (
     calibrate_weight,
     qparams_from_range,
 )
+from tests.passes.helpers import HOST_WEIGHT_SCHEME
 
-# --- model builders (shared with the speed check in the module docstring) ----------------------
+# --- model builders (the models behind the measurements in docs/quantization.md) ---------------
 
 
 def _fq() -> FakeQuant:
@@ -57,7 +55,7 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> QuantConv:
     conv = nn.Conv2d(cin, cout, k, stride, k // 2)
     nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
     nn.init.normal_(conv.bias, std=0.1)
-    return QuantConv(conv)
+    return QuantConv(conv, HOST_WEIGHT_SCHEME)  # weights this CPU's int8 kernels run exactly
 
 
 class QuantBasicBlock(nn.Module):
@@ -116,7 +114,7 @@ class QuantResNet(nn.Module):
             self.layers = nn.Sequential(*layers)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.q_pool: nn.Module = _fq() if quantize_head else nn.Identity()
-            self.fc = QuantLinear(nn.Linear(cin, 10))
+            self.fc = QuantLinear(nn.Linear(cin, 10), HOST_WEIGHT_SCHEME)
             self.q_logits: nn.Module = _fq() if quantize_logits else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -471,6 +469,7 @@ def test_placement_tables_use_canonical_kinds() -> None:
     for i, a in enumerate(tables):
         for b in tables[i + 1 :]:
             assert not (a & b), a & b
+    assert all(role(k) == "float" for k in FLOAT_KINDS)  # measured float in onnxruntime: the contract agrees
 
 
 @pytest.mark.parametrize(

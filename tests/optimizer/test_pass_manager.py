@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from effopt.errors import PassError, RecipeError
+from effopt.errors import EffoptError, InternalError, PassError, RecipeError
 from effopt.optimizer.ir.analysis import annotate
 from effopt.optimizer.ir.core import IR, InputSpec, facts
 from effopt.passes.base import Pass, PassContext, PassResult
@@ -32,10 +32,21 @@ class _NeedsFold(_Noop):
 
 
 class _Broken(_Noop):
+    """A pass with a bug in it: any exception that is not an EffoptError."""
+
     name: ClassVar[str] = "broken"
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         raise ValueError("boom")
+
+
+class _Refuses(_Noop):
+    """A pass that rejects its input on purpose (bad input, not a bug)."""
+
+    name: ClassVar[str] = "refuses"
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        raise EffoptError("node 'conv' is not supported; list it under keep_float")
 
 
 class _DoubleRelu(_Noop):
@@ -83,9 +94,17 @@ def test_order_is_checked_when_the_recipe_loads(monkeypatch: pytest.MonkeyPatch)
         "fold_batchnorm", "needs_fold"]
 
 
-def test_a_failing_pass_is_named_with_the_passes_before_it() -> None:
-    with pytest.raises(PassError, match=r"pass 'broken' failed \(after fold_batchnorm, noop\): ValueError: boom"):
+def test_a_pass_that_rejects_its_input_is_a_pass_error_named_with_the_passes_before_it() -> None:
+    with pytest.raises(PassError, match=r"pass 'refuses' failed \(after fold_batchnorm, noop\): node 'conv' is not"):
+        run_passes(_ir(), [_fold(), _Noop(), _Refuses()], PassContext())
+
+
+def test_a_bug_in_a_pass_is_an_internal_error_not_bad_input() -> None:
+    # a ValueError from inside a pass is effopt's bug: not an EffoptError (the CLI exits 3 with the traceback)
+    with pytest.raises(InternalError, match=r"pass 'broken' crashed \(after fold_batchnorm, noop\): ValueError: boom") as e:
         run_passes(_ir(), [_fold(), _Noop(), _Broken()], PassContext())
+    assert not isinstance(e.value, EffoptError)
+    assert isinstance(e.value.__cause__, ValueError)  # the original traceback is kept
 
 
 def test_manager_reannotates_and_fills_deltas_from_totals() -> None:

@@ -38,8 +38,8 @@ from effopt.optimizer.lower.torch_int8 import (
     int8_summary,
     lower_to_torch_int8,
     quantized_engine,
-    save_torchscript,
 )
+from effopt.optimizer.emit.torchscript import load_torchscript, save_torchscript
 from effopt.optimizer.ir.trace import trace_module
 from effopt.recipes import parse_recipe
 from examples.digits import DigitsNet
@@ -244,6 +244,8 @@ def test_torchscript_loads_and_runs_without_effopt(digits: tuple[nn.Module, IR],
     err, shape, engine = run.stdout.strip().split("|")
     assert float(err) == 0.0 and shape == "[1, 10]", run.stdout  # same kernels, any batch size
     assert engine in ("x86", "fbgemm")
+    with torch.no_grad():
+        assert torch.equal(load_torchscript(saved.path)(x), expected)  # effopt's own loader: the same module
 
 
 # --- what cannot be lowered ---------------------------------------------------------------------

@@ -6,9 +6,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from effopt.hardware_profiles import load_profile
+from effopt.hardware_profiles.host import host_int8_weight_bits
 from effopt.optimizer.ir.analysis import annotate
 from effopt.optimizer.ir.core import IR, InputSpec
-from effopt.passes.base import Pass
+from effopt.optimizer.quant.schemes import QScheme
+from effopt.passes.base import Pass, PassContext
 from effopt.optimizer.ir.trace import trace_module
 from effopt.recipes import parse_recipe
 
@@ -31,3 +34,20 @@ def build_ir(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> IR:
     examples = tuple(s.example(generator) for s in specs)
     gm = model if isinstance(model, fx.GraphModule) else trace_module(model)
     return annotate(IR(gm, specs, examples))
+
+
+HOST_WEIGHT_BITS = host_int8_weight_bits()
+"""Weight bits this machine's int8 kernels multiply exactly: 7 on x86 without VNNI (int16 pair sums saturate)."""
+
+HOST_WEIGHT_SCHEME = QScheme(bits=HOST_WEIGHT_BITS, signed=True, symmetric=True, axis=0)
+
+
+def host_kernel_context() -> PassContext:
+    """A context whose profile keeps int8 weights in the range this machine's kernels run exactly.
+
+    Tests that compare an int8 runtime (onnxruntime, fbgemm) on this machine with effopt's fake-quant
+    model need it: on a CPU without VNNI, 8-bit weights saturate the kernels' int16 pair sums, which
+    is the runtime's limit, not the lowering's bug.
+    """
+    profile = load_profile("x86-avx2").model_copy(update={"int8_weight_bits": HOST_WEIGHT_BITS})
+    return PassContext(profile=profile)

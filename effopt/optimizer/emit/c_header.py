@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from effopt.errors import EmitError
-from effopt.optimizer.lower.integer.lowering import INT32_MIN, IntegerProgram, QParams
+from effopt.optimizer.lower.integer import INT32_MIN, IntegerProgram, QParams
 
 _LINE_WIDTH = 100
 _C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}

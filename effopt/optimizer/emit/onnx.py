@@ -1,4 +1,4 @@
-"""Emit a torch model as a clean, checked, byte-deterministic ONNX file, and check it in onnxruntime.
+"""Emit a torch model as a clean, checked, byte-deterministic ONNX file.
 
 Why this module exists: the dynamo ONNX exporter (``torch.onnx.export(dynamo=True)``) gives a
 correct graph, but one that is not ready to ship as an artefact:
@@ -12,7 +12,11 @@ correct graph, but one that is not ready to ship as an artefact:
 - when ``forward`` pins the batch, it does not fail but silently re-exports with a fixed
   batch (see ``_check_dynamic_batch``), so the input shapes are checked after export;
 - it prints and logs (the torchvision notice, FutureWarnings, a partial FX graph on stderr when
-  ``torch.export`` fails), while library code must stay quiet (STYLE rule 19).
+  ``torch.export`` fails), while library code must stay quiet (STYLE rule 19), so it runs
+  inside `effopt.optimizer.emit.quiet.quiet_third_party`.
+
+Running the file and comparing it with torch is measurement, not emission: see
+`effopt.optimizer.measure.runtime` (sessions) and `effopt.optimizer.measure.verify.compare_onnx`.
 
 Pipeline, each step a small function::
 
@@ -22,47 +26,27 @@ Pipeline, each step a small function::
 Example::
 
     path = export_onnx(model, (torch.randn(1, 3, 32, 32),), ["image"], [True], Path("m.onnx"))
-    (logits,) = run_onnx(path, [np.zeros((5, 3, 32, 32), np.float32)])   # batch 5 works too
-    compare_onnx(path, model, [(torch.randn(5, 3, 32, 32),)], rtol=1e-4, atol=1e-5).passed  # True
+    onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param   # 'batch'
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
-import re
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import torch
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from onnx_graphsurgeon.logger import G_LOGGER
 
 from effopt.errors import EmitError
-from effopt.optimizer.measure.verify import elementwise_errors
+from effopt.optimizer.emit.quiet import first_line, quiet_third_party
+from effopt.optimizer.ir.trace import raise_if_interrupted
 
-__all__ = ["OnnxAgreement", "compare_onnx", "export_onnx", "open_session", "run_onnx"]
-
-# Loggers that the exporter stack writes warnings through (e.g. "torchvision is not installed.
-# Skipping torchvision::nms" from torch.onnx._internal.exporter._registration, or torch.export's
-# exportdb message on failure). They are raised for the duration of one export and restored.
-_NOISY_LOGGERS: tuple[str, ...] = (
-    "torch.onnx",
-    "torch.export",
-    "torch._export",
-    "torch.fx.experimental.symbolic_shapes",
-    "onnxscript",
-    "onnx_ir",
-)
+__all__ = ["export_onnx"]
 
 # Export range for the shared batch symbol. The ONNX graph itself only records the name
 # "batch", so onnxruntime accepts any batch; the range only bounds what torch.export assumes.
@@ -77,24 +61,7 @@ _FOLD_SIZE_THRESHOLD_BYTES = 16 * 2**20
 # semantics; every message that has them loses them.
 _DEBUG_FIELDS: tuple[str, ...] = ("doc_string", "metadata_props")
 
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-
 _PT2_HINT = "pass formats: [pt2] to skip ONNX"
-
-
-@dataclass(frozen=True)
-class OnnxAgreement:
-    """How closely onnxruntime reproduces torch, over every output of every input tuple.
-
-    ``max_rel_err`` is ``max|a - b| / max|b|`` per output (b = torch), then the worst output:
-    scale-aware without the blow-ups of an element-wise ``|a - b| / |b|`` near zeros. E.g.
-    torch ``[10, -20]`` vs onnx ``[10.001, -20]`` gives max_abs_err 1e-3, max_rel_err 5e-5.
-    ``passed`` is ``np.allclose(onnx, torch, rtol, atol)`` for every output.
-    """
-
-    max_abs_err: float
-    max_rel_err: float
-    passed: bool
 
 
 def export_onnx(
@@ -141,70 +108,6 @@ def export_onnx(
     data = _serialize(model, where)
     _check_model(data, where=f"{where} -> {path}")
     return _write_atomic(data, path)
-
-
-def run_onnx(path: Path, inputs: Sequence[np.ndarray], threads: int = 1) -> list[np.ndarray]:
-    """Run the ONNX file at ``path`` on CPU and return its outputs in graph order.
-
-    Inputs are fed by position (graph input order). The session uses ``threads`` intra-op
-    threads, one inter-op thread and sequential execution, so repeated runs on one machine
-    give identical results, which verification and benchmarks rely on.
-
-    Raises:
-        EmitError: onnxruntime cannot load the file or run it on these inputs.
-    """
-    return _run_session(open_session(path, threads), inputs, path)
-
-
-def onnx_runner(path: Path, threads: int = 1) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """One session on ``path`` as a function from torch inputs to the tuple of torch outputs.
-
-    Raises:
-        EmitError: onnxruntime cannot load the file (now) or run it on the inputs (when called).
-    """
-    session = open_session(path, threads)
-
-    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = _run_session(session, [_to_numpy(t) for t in inputs], path)
-        return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outputs)
-
-    return run
-
-
-def compare_onnx(
-    path: Path,
-    module: torch.nn.Module,
-    inputs: Sequence[tuple[torch.Tensor, ...]],
-    rtol: float,
-    atol: float,
-) -> OnnxAgreement:
-    """Run every input tuple through ``module`` (eval, no_grad) and the ONNX file; compare.
-
-    Tuple/list/dict outputs are flattened in order and matched to the ONNX outputs by position.
-    A different number of outputs or a different shape is an emit defect, not a tolerance
-    question, so it raises instead of returning ``passed=False``.
-
-    Raises:
-        EmitError: no inputs, onnxruntime fails, or output counts/shapes do not match.
-    """
-    if len(inputs) == 0:
-        raise EmitError(f"{path}: compare_onnx got no input tuples; pass at least one batch to compare")
-    session = open_session(path, threads=1)
-    max_abs = 0.0
-    max_rel = 0.0
-    passed = True
-    for index, args in enumerate(inputs):
-        with _eval_mode(module), torch.no_grad():
-            expected = _flatten_outputs(module(*args), where=f"model {type(module).__name__!r} output")
-        actual = _run_session(session, [_to_numpy(t) for t in args], path)
-        _check_output_structure(actual, expected, where=f"{path}: input tuple {index}")
-        for got, ref in zip(actual, expected, strict=True):
-            got64, ref64 = got.astype(np.float64), ref.astype(np.float64)  # bool/int outputs too
-            abs_err, rel_err, within = _errors(got64, ref64, rtol, atol)
-            max_abs = max(max_abs, abs_err)
-            max_rel = max(max_rel, rel_err)
-            passed = passed and within
-    return OnnxAgreement(max_abs_err=max_abs, max_rel_err=max_rel, passed=passed)
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -298,6 +201,7 @@ def _torch_to_onnx(
                 verbose=False,
             )
     except Exception as e:  # the exporter raises many unrelated types; all mean "no ONNX"
+        raise_if_interrupted(e)  # a Ctrl-C inside the library stays an interrupt
         raise EmitError(_export_failure_message(type(module).__name__, e)) from e
     if program is None:
         raise EmitError(f"model {type(module).__name__!r}: torch.onnx.export returned no program; {_PT2_HINT}")
@@ -361,7 +265,7 @@ def _export_failure_message(model_class: str, error: BaseException) -> str:
     innermost ``__cause__`` is reported instead.
     """
     root = _root_cause(error)
-    first = _first_line(str(root)) or type(root).__name__
+    first = first_line(str(root)) or type(root).__name__
     text = f"model {model_class!r}: ONNX export failed: {type(root).__name__}: {first}"
     if "specializ" in str(root) or "Constraints violated" in str(root):
         hint = "the model fixes the batch size; set dynamic_batch false for its inputs"
@@ -397,7 +301,8 @@ def _optimize_qdq(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         with quiet_third_party():
             return optimize_qdq_model(model)
     except Exception as e:  # graphsurgeon raises OnnxGraphSurgeonException and plain errors
-        raise EmitError(f"{where}: optimizing the quantized ONNX graph failed: {_first_line(str(e))}; {_PT2_HINT}") from e
+        raise_if_interrupted(e)  # a Ctrl-C inside the library stays an interrupt
+        raise EmitError(f"{where}: optimizing the quantized ONNX graph failed: {first_line(str(e))}; {_PT2_HINT}") from e
 
 
 def _dynamic_export_form(module: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[tuple[str, ...]]:
@@ -419,19 +324,11 @@ def _dynamic_quantize(model: onnx.ModelProto, weights: Sequence[str], where: str
         with quiet_third_party():
             return dynamic_quantize_matmuls(model, weights)
     except Exception as e:  # graphsurgeon raises OnnxGraphSurgeonException and plain errors
+        raise_if_interrupted(e)  # a Ctrl-C inside the library stays an interrupt
         raise EmitError(
-            f"{where}: lowering dynamic quantization to onnxruntime's int8 MatMuls failed: {_first_line(str(e))}; "
+            f"{where}: lowering dynamic quantization to onnxruntime's int8 MatMuls failed: {first_line(str(e))}; "
             f"{_PT2_HINT}"
         ) from e
-
-
-def _first_line(text: str, limit: int = 300) -> str:
-    """First non-blank line without ANSI colour codes, cut to ``limit`` characters."""
-    for line in _ANSI_ESCAPE.sub("", text).splitlines():
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= limit else line[: limit - 3] + "..."
-    return ""
 
 
 @contextlib.contextmanager
@@ -448,36 +345,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
-
-
-@contextlib.contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """Silence the exporter and graphsurgeon for one call, restoring everything afterwards.
-
-    - warnings (FutureWarning from pytree, "exporting in training mode"): ``catch_warnings``;
-    - torch/onnxscript loggers (torchvision notice): level raised to CRITICAL, then restored;
-    - ``print(..., file=sys.stderr)`` of a partial FX graph by torch.export on failure, and
-      graphsurgeon's print-based logger: Python-level stdout/stderr go to a discarded buffer.
-    Nothing is configured permanently (STYLE rule 19). The buffer swap is process-wide, so
-    other threads' prints during an export are lost too.
-    """
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    sink = io.StringIO()
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.CRITICAL)
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(sink),
-            contextlib.redirect_stderr(sink),
-            G_LOGGER.suppress(G_LOGGER.CRITICAL),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 # --- cleanup, determinism, checks -----------------------------------------------------------
@@ -498,8 +365,9 @@ def _clean_graph(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             cleaned = gs.export_onnx(graph)
     except Exception as e:  # graphsurgeon raises OnnxGraphSurgeonException and plain errors
+        raise_if_interrupted(e)  # a Ctrl-C inside the library stays an interrupt
         raise EmitError(
-            f"{where}: ONNX graph cleanup (onnx-graphsurgeon) failed: {_first_line(str(e))}; {_PT2_HINT}"
+            f"{where}: ONNX graph cleanup (onnx-graphsurgeon) failed: {first_line(str(e))}; {_PT2_HINT}"
         ) from e
     # gs.export_onnx rebuilds the model; keep the exporter's identity fields.
     cleaned.producer_name = model.producer_name
@@ -594,7 +462,7 @@ def _check_model(data: bytes, where: str) -> None:
     try:
         onnx.checker.check_model(data, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise EmitError(f"{where}: exported ONNX fails onnx.checker: {_first_line(str(e))}; {_PT2_HINT}") from e
+        raise EmitError(f"{where}: exported ONNX fails onnx.checker: {first_line(str(e))}; {_PT2_HINT}") from e
 
 
 def _write_atomic(data: bytes, path: Path) -> Path:
@@ -613,87 +481,3 @@ def _write_atomic(data: bytes, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise EmitError(f"{path}: cannot write ONNX file: {e.strerror or e}; check the output directory") from e
     return path
-
-
-# --- onnxruntime ----------------------------------------------------------------------------
-
-
-def open_session(path: Path, threads: int = 1, deterministic: bool = True) -> ort.InferenceSession:
-    """A CPU session with fixed threads and sequential execution, for repeatable numbers.
-
-    Every onnxruntime session effopt opens (checks, evaluation, benchmarks) comes from here;
-    ``deterministic=False`` lets timing runs use onnxruntime's fastest kernels.
-    """
-    if threads < 1:
-        raise EmitError(f"{path}: threads={threads}; onnxruntime needs at least 1 thread")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.use_deterministic_compute = deterministic
-    options.log_severity_level = 3  # errors only: onnxruntime's warnings go straight to stderr
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
-        raise EmitError(
-            f"{path}: onnxruntime cannot load the model: {_first_line(str(e))}; re-export it with export_onnx"
-        ) from e
-
-
-def _run_session(session: ort.InferenceSession, inputs: Sequence[np.ndarray], path: Path) -> list[np.ndarray]:
-    """Feed ``inputs`` by position and return every output as a numpy array."""
-    names = [value.name for value in session.get_inputs()]
-    if len(inputs) != len(names):
-        raise EmitError(f"{path}: model takes {len(names)} inputs {names} but {len(inputs)} were given")
-    feed = {name: np.ascontiguousarray(array) for name, array in zip(names, inputs, strict=True)}
-    try:
-        outputs = session.run(None, feed)
-    except Exception as e:  # onnxruntime raises its own pybind types
-        shapes = {name: (array.shape, str(array.dtype)) for name, array in feed.items()}
-        raise EmitError(
-            f"{path}: onnxruntime failed to run the model on inputs {shapes}: {_first_line(str(e))}; "
-            "check input shapes and dtypes against the exported example"
-        ) from e
-    return [np.asarray(output) for output in outputs]
-
-
-# --- comparison -----------------------------------------------------------------------------
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy()
-
-
-def _flatten_outputs(output: object, where: str) -> list[np.ndarray]:
-    """Tensors of a (nested) tuple/list/dict output in order, as numpy; the exporter's order."""
-    if isinstance(output, torch.Tensor):
-        return [_to_numpy(output)]
-    if isinstance(output, (tuple, list)):
-        return [array for item in output for array in _flatten_outputs(item, where)]
-    if isinstance(output, dict):
-        return [array for item in output.values() for array in _flatten_outputs(item, where)]
-    raise EmitError(f"{where}: cannot compare an output of type {type(output).__name__}; return tensors")
-
-
-def _check_output_structure(actual: list[np.ndarray], expected: list[np.ndarray], where: str) -> None:
-    """Same number of outputs and same shapes, else the artefact is wrong, not just imprecise."""
-    if len(actual) != len(expected):
-        raise EmitError(f"{where}: ONNX gives {len(actual)} outputs but torch gives {len(expected)}")
-    for i, (got, ref) in enumerate(zip(actual, expected, strict=True)):
-        if got.shape != ref.shape:
-            raise EmitError(f"{where}: output {i} has shape {got.shape} in ONNX but {ref.shape} in torch")
-
-
-def _errors(got: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> tuple[float, float, bool]:
-    """``(max|got - ref|, that / max|ref|, allclose)`` with verification's NaN/inf rules; zeros for empty outputs.
-
-    E.g. got ``[1.0, 2.5]``, ref ``[1.0, 2.0]`` gives ``(0.5, 0.25, ...)``; NaN on both
-    sides at the same place is agreement (see `effopt.optimizer.measure.verify.elementwise_errors`).
-    """
-    if ref.size == 0:
-        return 0.0, 0.0, True
-    ref_t = torch.from_numpy(ref.astype(np.float64))
-    diff, excess = elementwise_errors(torch.from_numpy(got.astype(np.float64)), ref_t, rtol, atol)
-    abs_err = float(diff.max())
-    scale = float(ref_t.abs().nan_to_num(nan=0.0, posinf=0.0).max())
-    return abs_err, abs_err / (scale + 1e-12), bool((excess <= 0).all())

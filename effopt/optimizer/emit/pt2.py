@@ -1,17 +1,12 @@
-"""Write artefacts atomically: everything goes to a temp folder beside the target, then one rename.
+"""The ``model.pt2`` artefact: torch.export of the optimized model with a dynamic batch, saved and hashed.
 
-A failed compile never leaves a half-written output folder: either the old
-folder is still there untouched, or the new one is complete.
+Where artefacts go, and how a folder is replaced atomically, is `effopt.optimizer.emit.writer`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,31 +14,9 @@ from torch import nn
 
 from effopt.errors import EmitError
 from effopt.optimizer.ir.core import InputSpec
+from effopt.optimizer.ir.trace import raise_if_interrupted
 
 MAX_DYNAMIC_BATCH = 4096
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a fresh temp folder; on success it replaces ``target`` in one rename, on error it is removed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the artefact folder should look like any other
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_args(
@@ -67,13 +40,14 @@ def export_args(
 
 def export_program(module: nn.Module, specs: Sequence[InputSpec], example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
     """torch.export the optimized model with a dynamic batch where the recipe asks for one."""
-    from effopt.optimizer.emit.onnx import quiet_third_party  # torch.export prints partial graphs on failure
+    from effopt.optimizer.emit.quiet import quiet_third_party  # torch.export prints partial graphs on failure
 
     args, dynamic = export_args(specs, example_inputs)
     try:
         with quiet_third_party():
             return torch.export.export(module, args, dynamic_shapes=dynamic)
     except Exception as e:
+        raise_if_interrupted(e)  # a Ctrl-C inside the library stays an interrupt
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
         hint = (

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from effopt.errors import RecipeError
+from effopt.optimizer.frontend.files import load_torch_file
+from effopt.optimizer.ir.trace import raise_if_interrupted, user_line
 from effopt.recipes.loading import LoadedRecipe
 
 
@@ -59,9 +63,16 @@ def import_callable(spec: str, roots: Sequence[Path], where: str) -> object:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
+            raise_if_interrupted(e)  # Ctrl-C stays an interrupt, never a RecipeError
             raise RecipeError(
                 f"{where}: cannot import module '{module_name}' ({e}); searched the recipe's folder and "
                 f"model.pythonpath: {', '.join(str(r) for r in roots)}"
+            ) from e
+        except Exception as e:  # the module itself is broken (SyntaxError, NameError, a failing top-level call)
+            raise_if_interrupted(e)  # Ctrl-C stays an interrupt, never a RecipeError
+            raise RecipeError(
+                f"{where}: importing module '{module_name}' raised {describe_exception(e)}; fix that module "
+                f"so that `import {module_name}` succeeds from the recipe's folder"
             ) from e
     obj: object = module
     for part in attr.split("."):
@@ -69,6 +80,15 @@ def import_callable(spec: str, roots: Sequence[Path], where: str) -> object:
             raise RecipeError(f"{where}: module '{module_name}' has no attribute '{attr}'")
         obj = getattr(obj, part)
     return obj
+
+
+def describe_exception(e: BaseException) -> str:
+    """``ValueError: bad size at net.py:12``: the type, the first line of the message, and the user's line."""
+    text = str(e).strip()
+    line = user_line([(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)])
+    if isinstance(e, SyntaxError) and e.filename:  # the offending line is not in the traceback
+        line = user_line([(e.filename, e.lineno)])
+    return f"{type(e).__name__}{': ' + text.splitlines()[0] if text else ''}{f' at {line}' if line else ''}"
 
 
 def import_roots(loaded: LoadedRecipe) -> list[Path]:
@@ -86,6 +106,7 @@ def load_model(loaded: LoadedRecipe) -> nn.Module:
         try:
             program = torch.export.load(str(path))
         except Exception as e:
+            raise_if_interrupted(e)  # Ctrl-C stays an interrupt, never a RecipeError
             raise RecipeError(f"{label}: model.exported: {path.name} is not a torch.export program ({e})") from e
         _check_exported_batch(program, loaded, path.name)
         return program.module()
@@ -93,19 +114,46 @@ def load_model(loaded: LoadedRecipe) -> nn.Module:
     factory = import_callable(spec.factory, import_roots(loaded), f"{label}: model.factory")
     if not callable(factory):
         raise RecipeError(f"{label}: model.factory: '{spec.factory}' is not callable")
+    _check_kwargs(factory, spec.kwargs, f"{label}: model.kwargs", spec.factory)
     try:
         # Seeded, and without touching the caller's RNG: a factory that initialises weights
         # randomly (no `weights:` file) must still give the same model on every load.
         with torch.random.fork_rng():
             torch.manual_seed(loaded.recipe.seed)
             model = factory(**spec.kwargs)
-    except TypeError as e:
-        raise RecipeError(f"{label}: model.kwargs: calling '{spec.factory}' failed: {e}") from e
+    except Exception as e:  # the user's constructor failed: bad input, not an effopt bug
+        raise_if_interrupted(e)  # Ctrl-C stays an interrupt, never a RecipeError
+        kwargs = f" with model.kwargs {dict(spec.kwargs)}" if spec.kwargs else ""
+        raise RecipeError(
+            f"{label}: model.factory: calling '{spec.factory}'{kwargs} raised {describe_exception(e)}; "
+            "fix the factory or model.kwargs"
+        ) from e
     if not isinstance(model, nn.Module):
         raise RecipeError(f"{label}: model.factory: '{spec.factory}' returned {type(model).__name__}, not an nn.Module")
     if spec.weights is not None:
         _load_weights(model, loaded.resolve(spec.weights), label)
     return model.eval()
+
+
+def _check_kwargs(factory: object, kwargs: dict[str, object], where: str, name: str) -> None:
+    """Reject kwargs the factory's signature cannot take, before calling it.
+
+    This tells a wrong ``model.kwargs`` (``num_clases: 10``) apart from a factory
+    that fails inside: ``DigitsNet`` with ``{num_clases: 10}`` → "... cannot be called
+    with {'num_clases': 10}: got an unexpected keyword argument 'num_clases'; it takes num_classes".
+    """
+    try:
+        signature = inspect.signature(factory)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins and some C types have none: let the call decide
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as e:
+        params = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise RecipeError(
+            f"{where}: '{name}' cannot be called with {dict(kwargs)}: {e}; "
+            f"it takes {', '.join(params) or 'no arguments'}"
+        ) from e
 
 
 def _check_exported_batch(program: torch.export.ExportedProgram, loaded: LoadedRecipe, file: str) -> None:
@@ -137,18 +185,48 @@ def _load_weights(model: nn.Module, path: Path, label: str) -> None:
         raise RecipeError(
             f"{label}: model.weights: file not found: {path} (for the bundled example, `make demo` trains it)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RecipeError(f"{label}: model.weights: cannot read {path.name} as a state_dict ({e})") from e
+    where = f"{label}: model.weights"
+    state = load_torch_file(path, where, _SAVE_STATE_DICT, RecipeError)
     if isinstance(state, nn.Module):
         state = state.state_dict()
     if not isinstance(state, dict):
-        raise RecipeError(f"{label}: model.weights: {path.name} holds a {type(state).__name__}, not a state_dict")
-    result = model.load_state_dict(state, strict=False)
+        raise RecipeError(f"{where}: {path.name} holds a {type(state).__name__}, not a state_dict. {_SAVE_STATE_DICT}")
+    _check_shapes(model, state, where, path.name)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except Exception as e:  # a non-tensor value, or a module's own _load_from_state_dict check
+        raise_if_interrupted(e)  # Ctrl-C stays an interrupt, never a RecipeError
+        raise RecipeError(f"{where}: {path.name} cannot be loaded into {type(model).__name__}: "
+                          f"{describe_exception(e)}. {_SAVE_STATE_DICT}") from e
     if result.missing_keys or result.unexpected_keys:
+        nested = [k for k in ("state_dict", "model", "model_state_dict") if isinstance(state.get(k), dict)]
+        hint = (f"; {path.name} looks like a training checkpoint: save checkpoint['{nested[0]}'] on its own"
+                if nested else "; check model.kwargs match the checkpoint")
         raise RecipeError(
-            f"{label}: model.weights: {path.name} does not match {type(model).__name__}: "
-            f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}; "
-            "check model.kwargs match the checkpoint"
+            f"{where}: {path.name} does not match {type(model).__name__}: "
+            f"missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]}{hint}"
+        )
+
+
+_SAVE_STATE_DICT = "Save the weights with torch.save(model.state_dict(), path)."
+
+
+def _check_shapes(model: nn.Module, state: dict, where: str, file: str) -> None:
+    """Every tensor whose name matches but whose shape does not, both shapes listed.
+
+    ``load_state_dict`` stops at the first mismatch with a RuntimeError; this names them all:
+    ``fc.weight: file [10, 64], model [12, 64]``.
+    """
+    own = model.state_dict()
+    wrong = [
+        f"{k}: file {list(v.shape)}, model {list(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if wrong:
+        listed = "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        raise RecipeError(
+            f"{where}: {file} has the right names but {len(wrong)} tensor(s) of the wrong shape for "
+            f"{type(model).__name__}: {listed}. The model was built differently from the one saved: check "
+            "model.kwargs (e.g. the number of classes or channels)"
         )

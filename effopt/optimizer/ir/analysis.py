@@ -378,17 +378,36 @@ class _Annotator(fx.Interpreter):
         return _facts_for(kind, op_label(n, self.module), call, storage)
 
 
-_FUSED_ACTIVATIONS = {"relu", "relu6", "hardtanh", "clamp"}
-_PASS_THROUGH = (_VIEWS - {"quantize"}) | {"max_pool", "adaptive_max_pool"}
+# -- op vocabulary the quantization contract builds on (effopt.optimizer.quant.contract) ----------
+
+CLAMP_ACTIVATIONS: frozenset[str] = frozenset({"relu", "relu6", "hardtanh", "clamp"})
+"""Activations that only clamp to constant bounds: relu [0, ∞), relu6 [0, 6], hardtanh [min_val, max_val],
+clamp [min, max]. Clamping commutes with rounding to a grid, so integer kernels fold them into the op
+before them (the contract's fused activations)."""
+
+STORAGE_PRESERVING: frozenset[str] = frozenset((_VIEWS - {"quantize"}) | {"max_pool", "adaptive_max_pool"})
+"""Kinds whose output is stored like their first input: views pick or re-view elements, max pools
+pick one of them; neither computes a new value. E.g. a flatten of uint8 codes is uint8 codes."""
+
+
+def clamp_after(n: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """``n``'s only user when it is a `CLAMP_ACTIVATIONS` call, else None (a lookup, like ``dict.get``).
+
+    For ``conv → relu → q`` it is the relu; for ``conv → {relu, add}`` or ``conv → sigmoid`` None.
+    """
+    users = list(n.users)
+    if len(users) == 1 and users[0].op in ("call_module", "call_function", "call_method"):
+        return users[0] if canonical_op(users[0], gm) in CLAMP_ACTIVATIONS else None
+    return None
 
 
 def integer_storage(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Which values a quantized graph stores as integers, and as which dtype.
 
     A FakeQuant output is stored in its scheme's container (uint8/int8); a
-    pass-through op (max pool, flatten, view, ...) of a stored value stays
+    `STORAGE_PRESERVING` op (max pool, flatten, view, ...) of a stored value stays
     stored; and an op whose result goes only into FakeQuants (directly, or via
-    one fused ReLU-like activation) writes integers, since runtimes fuse the
+    one `clamp_after` activation) writes integers, since runtimes fuse the
     requantization into it. A float graph has no stored values.
     """
     stored: dict[fx.Node, str] = {}
@@ -407,15 +426,15 @@ def integer_storage(gm: fx.GraphModule) -> dict[fx.Node, str]:
             continue
         kind = canonical_op(n, gm)
         first = n.all_input_nodes[0] if n.all_input_nodes else None
-        if kind in _PASS_THROUGH and first is not None and first in stored:
+        if kind in STORAGE_PRESERVING and first is not None and first in stored:
             stored[n] = stored[first]
             continue
         users = list(n.users)
+        activation = clamp_after(n, gm)
         if users and all(fq_storage(u) for u in users):
             stored[n] = fq_storage(users[0])  # type: ignore[assignment]
-        elif (len(users) == 1 and users[0].op != "output" and canonical_op(users[0], gm) in _FUSED_ACTIVATIONS
-              and users[0].users and all(fq_storage(u) for u in users[0].users)):
-            stored[n] = fq_storage(next(iter(users[0].users)))  # type: ignore[assignment]
+        elif activation is not None and activation.users and all(fq_storage(u) for u in activation.users):
+            stored[n] = fq_storage(next(iter(activation.users)))  # type: ignore[assignment]
     return stored
 
 

@@ -1,6 +1,7 @@
 """Dynamic quantization in ONNX: int8 weights, activations quantized by onnxruntime at run time.
 
-The quantize pass's ``mode: dynamic`` wraps each Linear in `DynamicInput`, whose forward
+The quantize pass's ``mode: dynamic`` wraps each Linear in `DynamicInput`
+(`effopt.optimizer.quant.dynamic`), whose forward
 fake-quantizes the input with that batch's own range. Exported as it is, that range is a pile of
 float ops (ReduceMin, ReduceMax, Div, Round, Clip, ...) in front of a float Gemm: slower than the
 float model, and nothing runs on integers. This module lowers it to onnxruntime's own dynamic
@@ -19,65 +20,16 @@ quantization in two steps:
        MatMulInteger(x_q, W_q [K, N] int8, z_x, z_w [N]) ─ int32 ─ Cast ─ Mul(s_x · s_w[N]) [─ Add(bias)]
 
    which onnxruntime fuses into ``DynamicQuantizeMatMul`` (u8 × s8 GEMM, per-column weight
-   scales; see `effopt.optimizer.lower.onnx_qdq.ort_fusion_report`).
+   scales; see `effopt.optimizer.lower.ort_fusion.ort_fusion_report`).
 
 Why the two sides agree: ``DynamicQuantizeLinear`` takes the range ``[min(x, 0), max(x, 0)]`` of
-the whole tensor (every sample of the batch together), ``s = (hi − lo) / 255`` in float32 (1 when
-hi = lo), ``z = round_half_even(clamp(−lo / s, 0, 255))`` and ``q = clamp(round(x / s) + z, 0,
-255)``: the rule `dynamic_fake_quantize` reproduces in torch, bit for bit. Given the same input,
-one layer agrees with torch to ~4e-7 of its output range (int32 sums vs float32 sums). Through a
-network the two drift further apart: torch's and onnxruntime's float sums differ in the last bit,
-so a layer's max, and with it the next scale, can differ by one ulp, which flips the odd code at a
-rounding boundary; measured on the models below, 2e-3 to 5e-3 of the output range at the output
-(onnxruntime's own ``quantize_dynamic`` is as far from torch: 3e-3, 5e-3), against 6e-3 to 1e-2 of
-quantization error vs the float model.
-
-Findings (onnxruntime 1.32.0, CPU EP, ORT_ENABLE_ALL, opset 18 from the torch 2.13 dynamo
-exporter), each row read back with `ort_fusion_report`:
-
-=====================================================  ==========================================
-file                                                   onnxruntime's graph
-=====================================================  ==========================================
-DynamicInput exported as is (before this module)       ReduceMin/Max, Div, Round, Clip, ... in
-                                                       float → FusedGemm (2-D) / MatMulNBits (3-D)
-export form, not rewritten (what weight-only gives)    2-D: DQ → FusedGemm in float; 3-D
-                                                       (DQ → Transpose → MatMul): MatMulNBits
-                                                       (bits 8, accuracy_level 4: onnxruntime
-                                                       quantizes the input itself, per block of
-                                                       32 along K, other numerics than torch's)
-after `dynamic_quantize_matmuls`, 2-D Gemm             DynamicQuantizeMatMul (bias Add absorbed)
-  3-D MatMul (+ separate bias Add), transformer        DynamicQuantizeMatMul (bias Add absorbed)
-  q, k, v reading one x (one DQL here; onnxruntime     one DynamicQuantizeLinear, then
-  also merges identical DQLs written one per MatMul)   MatMulIntegerToFloat ×3
-=====================================================  ==========================================
-
-Speed and size (1 thread, interleaved medians of 60 runs, AMD EPYC with AVX-512 VNNI, 2 shared
-cores: ±20% absolute, ratios from one process). MLP 784-1024-1024-10 (ReLU); encoder: 4 pre-norm
-layers, seq 64, dim 256, 4 heads, FFN 1024 (GELU), from nn.Linear/LayerNorm/softmax/matmul.
-onnxruntime's quantizer: ``quantize_dynamic(fp32.onnx, per_channel=True, weight_type=QInt8)``.
-
-=================================  ========  ================  =================
-MLP                                size      p50 batch 1       p50 batch 32
-=================================  ========  ================  =================
-fp32                               7.46 MB   0.220 ms          1.41 ms
-DynamicInput exported as is        1.89 MB   0.40x of fp32     0.66x
-export form, not rewritten         1.88 MB   0.51x             0.72x
-effopt dynamic (this module)       1.88 MB   0.106 ms 2.07x    0.452 ms 3.11x
-onnxruntime quantize_dynamic       1.88 MB   0.104 ms 2.12x    0.443 ms 3.17x
-=================================  ========  ================  =================
-
-=================================  ========  ================  =================
-encoder                            size      p50 batch 1       p50 batch 32
-=================================  ========  ================  =================
-fp32                               12.64 MB  5.22 ms           164 ms
-DynamicInput exported as is        3.27 MB   0.90x of fp32     0.97x
-export form, not rewritten         3.25 MB   4.35 ms 1.20x     138 ms 1.19x
-effopt dynamic (this module)       3.26 MB   2.21 ms 2.36x     63.6 ms 2.58x
-onnxruntime quantize_dynamic       3.26 MB   2.19 ms 2.39x     62.6 ms 2.62x
-=================================  ========  ================  =================
-
-effopt and onnxruntime's quantizer build the same optimized graph (the same fused ops, inputs
-and shapes); a two-way run of 300 rounds put them within 1% of each other.
+the whole tensor in float32, the rule `effopt.optimizer.quant.dynamic.dynamic_fake_quantize`
+reproduces in torch bit for bit; given the same input one layer agrees with torch to ~4e-7 of its
+output range. Through a network the two drift a little further apart (a last-bit difference in a
+float sum moves the next scale by one ulp), about as far as onnxruntime's own ``quantize_dynamic``
+is from torch. The measurements (fused graphs, speed and size against fp32 and onnxruntime's
+quantizer) are in ``docs/quantization.md``: an MLP runs 2.1x (batch 1) to 3.1x (batch 32) faster
+than fp32, as fast as onnxruntime's own quantizer.
 """
 
 from __future__ import annotations
@@ -89,22 +41,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 from torch import nn
 
-from effopt.optimizer.lower.onnx_qdq import _keep_identity, _name_allocator
+from effopt.optimizer.lower.onnx_graph import is_dequantized, keep_identity, name_allocator
+from effopt.optimizer.quant.dynamic import DynamicInput
 
 __all__ = [
     "DynamicRewrite",
     "dynamic_export_form",
-    "dynamic_fake_quantize",
     "dynamic_quantize_matmuls",
     "dynamic_quantize_matmuls_detailed",
 ]
 
-# Ops a per-tensor DequantizeLinear commutes with: an input reached through them from a DQ is a
-# static int8 activation (left to onnxruntime's QDQ fusion), not a float one.
-_LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool"})
 _WEIGHT_TYPES = (np.int8, np.uint8)  # what MatMulInteger takes as B
 
 
@@ -123,28 +71,6 @@ class DynamicRewrite:
     skipped: tuple[tuple[str, str], ...]
 
 
-def dynamic_fake_quantize(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize ``x`` to uint8 with its own range, exactly as ``DynamicQuantizeLinear`` does.
-
-    Range ``[min(x, 0), max(x, 0)]`` over the whole tensor, float32 throughout:
-    ``s = (hi − lo) / 255`` (1 if hi = lo), ``z = round(clamp(−lo / s, 0, 255))``,
-    ``q = clamp(round(x / s) + z, 0, 255)``, result ``(q − z) · s``; rounding is half to even and
-    the division a true division (not ``x · (1/s)``), as in onnxruntime's MLAS kernels, so the
-    codes are bit-equal. Rounding passes gradients straight through.
-
-    Example: x = [−1, 3, 0.5] → s = 4/255 ≈ 0.015686, z = round(63.75) = 64,
-    0.5 → round(31.875) + 64 = 96 → (96 − 64)·s ≈ 0.50196.
-    """
-    xd = x.detach().float()
-    lo = torch.clamp(xd.min(), max=0.0)
-    hi = torch.clamp(xd.max(), min=0.0)
-    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
-    zero = torch.round(torch.clamp(-lo / scale, 0.0, 255.0))
-    scaled = x / scale
-    rounded = scaled + (torch.round(scaled) - scaled).detach()
-    return (torch.clamp(rounded + zero, 0.0, 255.0) - zero) * scale
-
-
 @contextlib.contextmanager
 def dynamic_export_form(module: nn.Module) -> Iterator[tuple[str, ...]]:
     """Inside the block every `DynamicInput` of ``module`` is its inner `QuantLinear`; yields their weight names.
@@ -159,8 +85,6 @@ def dynamic_export_form(module: nn.Module) -> Iterator[tuple[str, ...]]:
     Example: a ``Sequential(DynamicInput(QuantLinear(...)), ReLU(), ...)`` yields
     ``("0.weight_codes", "0.linear.weight", ...)`` and exports ``0`` as DQ(int8) → Gemm.
     """
-    from effopt.passes.quantize import DynamicInput
-
     sites = [(name, m) for name, m in module.named_modules() if isinstance(m, DynamicInput) and name]
     done: list[tuple[str, nn.Module]] = []
     try:
@@ -203,7 +127,7 @@ def dynamic_quantize_matmuls_detailed(model: onnx.ModelProto, weights: Collectio
         return DynamicRewrite(unchanged, (), (("model", reason),))
     graph = gs.import_onnx(model)
     graph.toposort()
-    fresh = _name_allocator(graph)
+    fresh = name_allocator(graph)
     wanted = None if weights is None else frozenset(weights)
     seen: set[str] = set()
     rewritten: list[str] = []
@@ -234,7 +158,7 @@ def dynamic_quantize_matmuls_detailed(model: onnx.ModelProto, weights: Collectio
                 skipped.append((w, "no MatMul/Gemm reads this weight (renamed by the exporter?)"))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph)
-    _keep_identity(model, out)
+    keep_identity(model, out)
     return DynamicRewrite(out, tuple(rewritten), tuple(skipped))
 
 
@@ -274,7 +198,7 @@ def _weight_dq(node: gs.Node) -> tuple[gs.Node, bool] | None:
 def _match(node: gs.Node, dq: gs.Node, through_transpose: bool) -> _Site | str:
     """The rewrite of ``node`` or why it is left in float."""
     x = node.inputs[0]
-    if _is_dequantized(x):
+    if is_dequantized(x):  # an input reached from a DQ through layout ops is a static int8 activation
         return "input is dequantized (a static int8 layer): left to onnxruntime's QDQ fusion"
     if x.dtype is not None and np.dtype(x.dtype) != np.float32:
         return f"input is {np.dtype(x.dtype)}: DynamicQuantizeLinear takes float32"
@@ -315,13 +239,6 @@ def _match(node: gs.Node, dq: gs.Node, through_transpose: bool) -> _Site | str:
         zero = zero.reshape(())
     kn = np.ascontiguousarray(codes.T) if transposed else codes
     return _Site(node, x, kn, scale.astype(np.float32), zero.astype(codes.dtype), bias, w, transposed)
-
-
-def _is_dequantized(x: gs.Tensor) -> bool:
-    """Whether ``x`` is a DequantizeLinear output, possibly through layout ops."""
-    while x.inputs and x.inputs[0].op in _LAYOUT_OPS:
-        x = x.inputs[0].inputs[0]
-    return bool(x.inputs) and x.inputs[0].op == "DequantizeLinear"
 
 
 def _layer_of(weight: str) -> str:

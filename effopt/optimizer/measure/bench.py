@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from effopt.errors import EmitError
+from effopt.optimizer.measure.runtime import open_session
 
 __all__ = [
     "LatencyStats",
@@ -285,8 +286,6 @@ def onnxruntime_runner(path: str | Path, threads: int = 1) -> Runner:
     Inputs are fed by position; torch tensors are passed as (zero-copy) numpy views. Graph
     optimizations stay at onnxruntime's default (all), as in deployment.
     """
-    from effopt.optimizer.emit.onnx import open_session
-
     session = open_session(Path(path), threads, deterministic=False)
     names = [value.name for value in session.get_inputs()]
 

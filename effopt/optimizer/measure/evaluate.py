@@ -36,6 +36,7 @@ from effopt.optimizer.measure.metrics import (
     agreement_metrics,
     classification_metrics,
 )
+from effopt.optimizer.measure.runtime import open_session
 
 __all__ = ["Evaluation", "Task", "eval_mode", "evaluate", "first_tensor", "onnx_callable"]
 
@@ -193,8 +194,6 @@ class OnnxCallable:
     """
 
     def __init__(self, path: Path) -> None:
-        from effopt.optimizer.emit.onnx import open_session
-
         if not path.is_file():
             raise EmitError(f"{path}: ONNX file not found")
         self.path = path

@@ -6,19 +6,29 @@ output we record the worst absolute error, where it occurred, the error relative
 to the output's magnitude, and (for [N, C] logits) how often the top-1 class
 agrees. A model passes when every output is within ``numpy.allclose``-style
 tolerance ``|opt − ref| ≤ atol + rtol·|ref|`` on every input set.
+
+The same questions are asked of the artefacts: `compare_onnx` (the ONNX file in
+onnxruntime vs the torch model it was exported from) and `quantized_fidelity` (an int8
+artefact vs the original, next to the fake-quant model). Every number comes from
+`effopt.optimizer.ir.compare`, so "max abs error" means the same thing everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
+from effopt.errors import EmitError
 from effopt.optimizer.frontend.data import DataSource
+from effopt.optimizer.ir.compare import Agreement, compare_tensors, concat_batches, concat_flat, output_tensors
 from effopt.optimizer.ir.core import InputSpec
+from effopt.optimizer.measure.runtime import flatten_outputs, open_session, run_session, to_numpy
 
 
 @dataclass(frozen=True)
@@ -62,23 +72,9 @@ class Verification:
         return [c.describe(self.rtol, self.atol) for c in self.checks if not c.within_tolerance]
 
 
-def elementwise_errors(opt: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|opt − ref|, |opt − ref| − (atol + rtol·|ref|)) in float64, treating equal non-finite values as equal.
-
-    NaN where the original has NaN, or the same infinity, is agreement (error 0);
-    a NaN or infinity on one side only is an infinite error. E.g. opt [1, nan, 3],
-    ref [1, nan, 2], rtol 0, atol 0.5 → errors [0, 0, 1], excess [-0.5, -0.5, 0.5].
-    """
-    opt, ref = opt.double(), ref.double()
-    same = (opt == ref) | (opt.isnan() & ref.isnan())
-    diff = torch.where(same, torch.zeros_like(opt), (opt - ref).abs()).nan_to_num(nan=float("inf"))
-    excess = diff - (atol + rtol * ref.abs().nan_to_num(nan=0.0, posinf=0.0))
-    return diff, torch.where(same, torch.full_like(excess, -atol), excess)
-
-
 def _outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+        return output_tensors(model(*inputs))
 
 
 def random_batches(specs: Sequence[InputSpec], count: int, batch: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
@@ -98,7 +94,12 @@ def compare(
     rtol: float,
     atol: float,
 ) -> list[OutputAgreement]:
-    """Per-output agreement of ``optimized`` with ``reference`` over ``batches``."""
+    """Per-output agreement of ``optimized`` with ``reference`` over ``batches``, all batches pooled.
+
+    Each output's batches are joined along dim 0 and compared once (`compare_tensors`), so
+    top-1 and the worst element are over every sample. E.g. two batches of ``[8, 10]`` logits
+    give one `OutputAgreement` with ``samples`` 16.
+    """
     refs: list[list[torch.Tensor]] = []
     opts: list[list[torch.Tensor]] = []
     for inputs in batches:
@@ -107,32 +108,23 @@ def compare(
             raise ValueError(f"{input_set}: original returns {len(r)} tensors, optimized {len(o)}")
         refs.append(r)
         opts.append(o)
-    checks = []
-    for k in range(len(refs[0]) if refs else 0):
-        ref = torch.cat([r[k].reshape(-1, *r[k].shape[1:]) if r[k].dim() else r[k].reshape(1) for r in refs]).double()
-        opt = torch.cat([o[k].reshape(-1, *o[k].shape[1:]) if o[k].dim() else o[k].reshape(1) for o in opts]).double()
-        diff, excess = elementwise_errors(opt, ref, rtol, atol)
-        flat = int(torch.argmax(excess).item()) if excess.numel() else 0
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ref.shape)) if ref.numel() else ()
-        scale = float(ref.abs().nan_to_num(nan=0.0, posinf=0.0).max()) if ref.numel() else 0.0
-        top1 = None
-        if ref.dim() == 2 and ref.shape[1] > 1:
-            top1 = float((ref.argmax(1) == opt.argmax(1)).double().mean())
-        checks.append(
-            OutputAgreement(
-                input_set=input_set,
-                output=k,
-                samples=int(ref.shape[0]) if ref.dim() else 1,
-                max_abs_err=float(diff.max()) if diff.numel() else 0.0,
-                max_rel_err=float(diff.max()) / (scale + 1e-12) if diff.numel() else 0.0,
-                worst_index=index,
-                reference_at_worst=float(ref.reshape(-1)[flat]) if ref.numel() else 0.0,
-                optimized_at_worst=float(opt.reshape(-1)[flat]) if opt.numel() else 0.0,
-                worst_excess=float(excess.max()) if excess.numel() else 0.0,
-                top1_agreement=top1,
-            )
-        )
-    return checks
+    return [_output_agreement(input_set, k, compare_tensors(opt, ref, rtol, atol))
+            for k, (ref, opt) in enumerate(zip(concat_batches(refs), concat_batches(opts), strict=True))]
+
+
+def _output_agreement(input_set: str, output: int, a: Agreement) -> OutputAgreement:
+    return OutputAgreement(
+        input_set=input_set,
+        output=output,
+        samples=a.samples,
+        max_abs_err=a.max_abs_err,
+        max_rel_err=a.max_rel_err,
+        worst_index=a.worst_index,
+        reference_at_worst=a.want_at_worst,
+        optimized_at_worst=a.got_at_worst,
+        worst_excess=a.worst_excess,
+        top1_agreement=a.top1_agreement,
+    )
 
 
 def verify(
@@ -211,17 +203,17 @@ def quantized_fidelity(
     for inputs in batches:
         o, f = _outputs(original, inputs), _outputs(fake_quant, inputs)
         with torch.no_grad():
-            a = [t for t in tree_leaves(artefact(*inputs)) if isinstance(t, torch.Tensor)]
+            a = output_tensors(artefact(*inputs))
         if not len(o) == len(f) == len(a) or any(x.shape != y.shape for x, y in zip(f, a)):
             raise ValueError(f"the artefact returns {[tuple(t.shape) for t in a]}, the fake-quant model "
                              f"{[tuple(t.shape) for t in f]}")
         originals.append(o), fakes.append(f), arts.append(a)
     per_output: list[tuple[float, float, float, bool, float]] = []  # (ratio, artefact rms, fake-quant rms, ok, drift)
     for k in range(len(originals[0]) if originals else 0):
-        ref, fq, art = (torch.cat([b[k].reshape(-1).double() for b in runs]) for runs in (originals, fakes, arts))
-        art_rms, fq_rms = _rms(elementwise_errors(art, ref, 0.0, 0.0)[0]), _rms(elementwise_errors(fq, ref, 0.0, 0.0)[0])
+        ref, fq, art = (concat_flat([b[k] for b in runs]) for runs in (originals, fakes, arts))
+        art_rms, fq_rms = compare_tensors(art, ref).rms_err, compare_tensors(fq, ref).rms_err
         ratio = art_rms / fq_rms if fq_rms > 0 else (0.0 if art_rms == 0 else float("inf"))
-        drift = float(elementwise_errors(art, fq, 0.0, 0.0)[0].max()) if art.numel() else 0.0
+        drift = compare_tensors(art, fq).max_abs_err
         per_output.append((ratio, art_rms, fq_rms, art_rms <= QUANTIZED_FIDELITY_SLACK * fq_rms + atol, drift))
     if not per_output:
         return QuantizedFidelity(0.0, 0.0, 0.0, 0.0, True)
@@ -229,6 +221,82 @@ def quantized_fidelity(
     return QuantizedFidelity(art_rms, fq_rms, ratio, max(r[4] for r in per_output), all(r[3] for r in per_output))
 
 
-def _rms(errors: torch.Tensor) -> float:
-    """Root mean square of `elementwise_errors` (already NaN-aware: a NaN on one side only is inf)."""
-    return float(errors.pow(2).mean().sqrt()) if errors.numel() else 0.0
+# -- ONNX artefact vs torch -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnnxAgreement:
+    """How closely onnxruntime reproduces torch, over every output of every input tuple.
+
+    ``max_rel_err`` is ``max|a - b| / max|b|`` per output (b = torch), then the worst output:
+    scale-aware without the blow-ups of an element-wise ``|a - b| / |b|`` near zeros. E.g.
+    torch ``[10, -20]`` vs onnx ``[10.001, -20]`` gives max_abs_err 1e-3, max_rel_err 5e-5.
+    ``passed`` is ``np.allclose(onnx, torch, rtol, atol)`` for every output.
+    """
+
+    max_abs_err: float
+    max_rel_err: float
+    passed: bool
+
+
+def compare_onnx(
+    path: Path,
+    module: torch.nn.Module,
+    inputs: Sequence[tuple[torch.Tensor, ...]],
+    rtol: float,
+    atol: float,
+) -> OnnxAgreement:
+    """Run every input tuple through ``module`` (eval, no_grad) and the ONNX file; compare.
+
+    Tuple/list/dict outputs are flattened in order and matched to the ONNX outputs by position.
+    A different number of outputs or a different shape is an emit defect, not a tolerance
+    question, so it raises instead of returning ``passed=False``. Each output of each input
+    tuple is compared on its own (`compare_tensors`), then the worst is kept. Example::
+
+        path = export_onnx(model, (torch.randn(1, 3, 32, 32),), ["image"], [True], Path("m.onnx"))
+        compare_onnx(path, model, [(torch.randn(5, 3, 32, 32),)], rtol=1e-4, atol=1e-5).passed  # True
+
+    Raises:
+        EmitError: no inputs, onnxruntime fails, or output counts/shapes do not match.
+    """
+    if len(inputs) == 0:
+        raise EmitError(f"{path}: compare_onnx got no input tuples; pass at least one batch to compare")
+    session = open_session(path, threads=1)
+    checks: list[Agreement] = []
+    for index, args in enumerate(inputs):
+        with _eval_mode(module), torch.no_grad():
+            expected = flatten_outputs(module(*args), where=f"model {type(module).__name__!r} output")
+        actual = run_session(session, [to_numpy(t) for t in args], path)
+        _check_output_structure(actual, expected, where=f"{path}: input tuple {index}")
+        checks += [compare_tensors(got, ref, rtol, atol) for got, ref in zip(actual, expected, strict=True)]
+    return OnnxAgreement(
+        max_abs_err=max([0.0, *(c.max_abs_err for c in checks)]),
+        max_rel_err=max([0.0, *(c.max_rel_err for c in checks)]),
+        passed=all(c.within_tolerance for c in checks),
+    )
+
+
+def _check_output_structure(actual: list[np.ndarray], expected: list[np.ndarray], where: str) -> None:
+    """Same number of outputs and same shapes, else the artefact is wrong, not just imprecise."""
+    if len(actual) != len(expected):
+        raise EmitError(f"{where}: ONNX gives {len(actual)} outputs but torch gives {len(expected)}")
+    for i, (got, ref) in enumerate(zip(actual, expected, strict=True)):
+        if got.shape != ref.shape:
+            raise EmitError(f"{where}: output {i} has shape {got.shape} in ONNX but {ref.shape} in torch")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module.eval()`` (as the ONNX export ran it), then restore each submodule's own ``training`` flag.
+
+    ``module.eval()`` rather than setting flags: a `FakeQuant` syncs its learned scale on
+    ``train(False)``, exactly as it did when `export_onnx` saw it. Per-submodule restore keeps a
+    caller's mixed state (a frozen BatchNorm inside a training model).
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training

@@ -14,29 +14,10 @@ whose weights pass through a per-channel `FakeQuant`. The same graph
 - exports: in eval mode a `FakeQuant` calls ``torch.ops.quantized_decomposed``
   quantize/dequantize, which the ONNX exporter writes as QuantizeLinear /
   DequantizeLinear pairs that onnxruntime fuses into int8 kernels;
-- lowers to integers for int-only targets (`effopt.optimizer.lower.integer.lowering`).
+- lowers to integers for int-only targets (`effopt.optimizer.lower.integer`).
 
-The quantized-graph contract (what the ``quantize`` pass produces and every
-lowering may rely on):
-
-1. Every tensor stored as integers is the output of a ``call_module`` node
-   whose module is a `FakeQuant` (per-tensor, ``scheme.axis is None``).
-   Model inputs that feed quantized ops get one right after the placeholder.
-2. A `QuantConv` / `QuantLinear` reads a quantized tensor (a FakeQuant output,
-   possibly through pass-through nodes, rule 4) and its result is requantized
-   by exactly one FakeQuant, either directly or after one fused activation
-   (``relu``/``relu6``/``hardtanh`` as a module, function or method) whose
-   only user is that FakeQuant. Its weight goes through the module's own
-   per-channel ``weight_quant``; its float bias is quantized at s_x·s_w
-   (`quantize_bias`) by lowerings that need integers.
-3. Other integer ops (add, mul, cat, avg/adaptive-avg pool, mean) read
-   quantized inputs and are followed by a FakeQuant (an add may have a fused
-   relu in between, as in rule 2).
-4. Pass-through ops (max pool, flatten, reshape/view, permute/transpose,
-   dropout/identity, getitem of a split) keep their input's scale and zero
-   point: their output carries no FakeQuant of its own.
-5. Everything else computes in float on dequantized inputs; if its result feeds
-   a quantized op, a FakeQuant sits between them (rule 1 applies).
+Where the FakeQuants sit, and what each op kind does with them, is the quantized-graph
+contract: `effopt.optimizer.quant.contract`.
 """
 
 from __future__ import annotations
