@@ -188,7 +188,7 @@ def _torch_to_onnx(
     fusion); tests turn it off to see what the graphsurgeon cleanup alone removes.
     """
     try:
-        with _eval_mode(module), quiet_third_party():
+        with eval_mode_as_exported(module), quiet_third_party():
             program = torch.onnx.export(
                 module,
                 args,
@@ -332,8 +332,12 @@ def _dynamic_quantize(model: onnx.ModelProto, weights: Sequence[str], where: str
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+def eval_mode_as_exported(module: torch.nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, then restore each one's own ``training`` flag.
+
+    ``module.eval()`` rather than setting flags: a `FakeQuant` syncs its learned scale on
+    ``train(False)``, so the check in `effopt.optimizer.measure.verify` runs the model exactly
+    as the export saw it.
 
     Restoring per submodule (not with ``module.train(old)``) keeps mixed states, e.g. a frozen
     BatchNorm inside a training model, exactly as the caller had them.

@@ -15,8 +15,7 @@ artefact vs the original, next to the fake-quant model). Every number comes from
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from effopt.optimizer.emit.onnx import eval_mode_as_exported
 from effopt.errors import EmitError
 from effopt.optimizer.frontend.data import DataSource
 from effopt.optimizer.ir.compare import Agreement, compare_tensors, concat_batches, concat_flat, output_tensors
@@ -264,7 +264,7 @@ def compare_onnx(
     session = open_session(path, threads=1)
     checks: list[Agreement] = []
     for index, args in enumerate(inputs):
-        with _eval_mode(module), torch.no_grad():
+        with eval_mode_as_exported(module), torch.no_grad():
             expected = flatten_outputs(module(*args), where=f"model {type(module).__name__!r} output")
         actual = run_session(session, [to_numpy(t) for t in args], path)
         _check_output_structure(actual, expected, where=f"{path}: input tuple {index}")
@@ -283,20 +283,3 @@ def _check_output_structure(actual: list[np.ndarray], expected: list[np.ndarray]
     for i, (got, ref) in enumerate(zip(actual, expected, strict=True)):
         if got.shape != ref.shape:
             raise EmitError(f"{where}: output {i} has shape {got.shape} in ONNX but {ref.shape} in torch")
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """``module.eval()`` (as the ONNX export ran it), then restore each submodule's own ``training`` flag.
-
-    ``module.eval()`` rather than setting flags: a `FakeQuant` syncs its learned scale on
-    ``train(False)``, exactly as it did when `export_onnx` saw it. Per-submodule restore keeps a
-    caller's mixed state (a frozen BatchNorm inside a training model).
-    """
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
