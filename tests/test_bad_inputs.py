@@ -41,8 +41,10 @@ def build(classes=3):
 """
 
 
-class Sample:
-    """A pickled object in a data file: loading it would import and run this class's code."""
+# A pickled object in a data file (loading it would import and run its class's code). A class from the
+# standard library, not one defined here: under pytest's importlib mode this test module may be imported
+# twice, and pickle refuses a class that is not the one its module path names.
+from fractions import Fraction as Sample  # noqa: E402
 
 
 def line_of(code: str, text: str) -> int:
@@ -148,10 +150,10 @@ def data_project(tmp_path: Path, module: str, source: str) -> Path:
 
 
 def test_a_data_pt_refused_by_weights_only_says_it_was_refused_and_why(tmp_path: Path) -> None:
-    torch.save({"x": torch.zeros(8, 4), "meta": Sample()}, tmp_path / "data.pt")
+    torch.save({"x": torch.zeros(8, 4), "meta": Sample(1, 3)}, tmp_path / "data.pt")
     recipe = data_project(tmp_path, "refused_data_net", "data.pt")
     run = effopt_cli("compile", recipe, "-o", tmp_path / "out", cwd=tmp_path)
-    assert_exit_2(run, "data.eval (data.pt)", "refused by torch.load(weights_only=True)", "Sample",
+    assert_exit_2(run, "data.eval (data.pt)", "refused by torch.load(weights_only=True)", "Fraction",
                   "never runs code", "np.savez(path, x=x, y=labels)")
 
 

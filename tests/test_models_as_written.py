@@ -44,14 +44,15 @@ def assert_compiled(result: effopt.Result, out: Path, name: str) -> dict:
     assert {"model.pt2", "model.onnx", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "passed"
+    warnings = [w for w in report["warnings"] if not w.startswith("deploy: ")]  # int8 slower on this host: timed
     if name == FALLBACK:
-        assert report["warnings"] == [
+        assert warnings == [
             "traced with torch.export because fx could not: torch.fx cannot trace the top-level module (DimCheckNet) "
             f"at zoo_as_written.py:{DIM_CHECK_LINE}: TraceError: symbolically traced variables cannot be used as "
             "inputs to control flow"
         ]
     else:
-        assert report["warnings"] == []  # fx traced it: nothing new in the report
+        assert warnings == []  # fx traced it: nothing new in the report
     return report
 
 

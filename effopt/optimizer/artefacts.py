@@ -1,10 +1,13 @@
-"""Artefacts of a compile: model.pt2, model_int8.pt, model.onnx, model.h and the report, written atomically.
+"""Artefacts of a compile: model.pt2, model_int8.pt, model.onnx, model_float.onnx, model.h and the report, atomically.
 
 Each artefact is checked as it is written (reloaded and compared with the optimized
 model), and the report says what runs inside it: float ops, torch's reference
 quantize/dequantize ops, torch's x86 int8 kernels, or onnxruntime's int8 kernels.
 For an integer-only target the quantized graph is also lowered to an integer
 program, checked bit for bit and scored (`lower_for_integer_target`).
+Last, the report's ``deploy`` section names the artefact to ship on the target
+(`effopt.optimizer.measure.deploy`: timed side by side when this host has the
+target's arch, with the timings in ``measurements.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from effopt.optimizer.emit.pt2 import export_program, save_pt2, sha256
 from effopt.optimizer.emit.writer import atomic_dir
 from effopt.optimizer.emit.onnx import export_onnx
 from effopt.optimizer.ir.compare import compare_outputs
+from effopt.optimizer.measure.deploy import Timer, candidates_in, choose_deploy, deploy_batches, make_timer
 from effopt.optimizer.measure.evaluate import Task, evaluate
 from effopt.optimizer.lower.integer import IntegerExecutor, IntegerProgram, lower_to_integer, reference_integer_model
 from effopt.optimizer.ir.core import IR
@@ -80,8 +84,13 @@ def lower_for_integer_target(
 
 def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: nn.Module,
                    program: IntegerProgram | None = None, profile: HardwareProfile | None = None,
-                   force: bool = False) -> Report:
+                   force: bool = False, float_ir: IR | None = None, timer: Timer | None = None) -> Report:
     """Write the artefacts named in ``output.formats`` (and an int-only target's C header) and the report, all or nothing.
+
+    ``float_ir`` is the model before quantize: for a quantized model with ``onnx`` in the
+    formats (and a target that runs float) it is written as ``model_float.onnx``, a float
+    fallback to deploy where int8 does not pay off. ``timer`` times the deploy candidates
+    (default `make_timer`; tests inject timings here).
 
     A float artefact must reproduce the optimized model within the recipe's tolerances. A
     quantized one runs int8 kernels with their own rounding, so it is held to
@@ -127,6 +136,8 @@ def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: 
                     "model.onnx", path.stat().st_size, sha256(path), "onnx.checker + onnxruntime outputs vs optimized model",
                     agreement.max_abs_err, agreement.passed,
                 ))
+        if quantized and float_ir is not None and "onnx" in recipe.output.formats and not (profile and profile.integer_only):
+            artefacts.append(_emit_float_onnx(float_ir, tmp / "model_float.onnx", check_batches, recipe))
         if program is not None:
             header = tmp / "model.h"
             header.write_text(write_c_header(program, "effopt_model"))
@@ -135,9 +146,43 @@ def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: 
                 None, True, f"int8 weights, int32 biases, fixed-point multipliers and shifts for {len(program.ops)} ops",
             ))
         report = replace(report, artefacts=tuple(artefacts))
+        if profile is not None:
+            report = _with_deploy(report, tmp, ir, float_ir, quantized, profile, timer or make_timer(ir.inputs, recipe.seed))
         (tmp / "report.json").write_text(report.to_json())
         (tmp / "report.md").write_text(report.to_markdown())
     return report
+
+
+def _emit_float_onnx(float_ir: IR, path: Path, batches: list, recipe: Recipe) -> ArtefactInfo:
+    """``model_float.onnx``: the model before quantize, held to the float tolerances against that model."""
+    before = copy.deepcopy(float_ir.gm).eval()
+    export_onnx(before, float_ir.example_inputs, [s.name for s in float_ir.inputs], [s.dynamic_batch for s in float_ir.inputs], path)
+    agreement = compare_onnx(path, float_ir.gm, batches, recipe.verify.rtol, max(recipe.verify.atol, 1e-5))
+    return ArtefactInfo(
+        path.name, path.stat().st_size, sha256(path), "onnx.checker + onnxruntime outputs vs the model before quantize",
+        agreement.max_abs_err, agreement.passed,
+        "float fallback: the model before quantize, in float; deployed where int8 does not pay off (see deploy)",
+    )
+
+
+def _with_deploy(report: Report, folder: Path, ir: IR, float_ir: IR | None, quantized: bool,
+                 profile: HardwareProfile, timer: Timer) -> Report:
+    """``report`` with its ``deploy`` section; writes ``measurements.json`` when the choice was measured.
+
+    When ``passes: auto`` chose quantize and the float model is deployed, the plan line says so too.
+    """
+    auto_quantize = any(p.name == "quantize" and p.chosen for p in report.plan)
+    pool = candidates_in(folder, ir, float_ir if quantized else None, quantized)
+    choice, measurements = choose_deploy(pool, profile, deploy_batches(ir.inputs), timer, auto_quantize=auto_quantize)
+    if measurements is not None:
+        (folder / "measurements.json").write_text(measurements.to_json())
+    if choice.warning is None:
+        return replace(report, deploy=choice)
+    plan = report.plan
+    if auto_quantize:
+        note = f"; but the int8 artefacts {choice.basis} slower, so {choice.artefact} (before quantize) is deployed"
+        plan = tuple(replace(p, reason=p.reason + note) if p.name == "quantize" and p.chosen else p for p in plan)
+    return replace(report, deploy=choice, plan=plan, warnings=(*report.warnings, choice.warning))
 
 
 def _quantized(model: nn.Module) -> bool:
@@ -147,7 +192,7 @@ def _quantized(model: nn.Module) -> bool:
 def _pt2_note(model: nn.Module, int8: nn.Module | Unsupported | None = None) -> str:
     if not _quantized(model):
         return ""
-    reference = ("int8 weights with quantize/dequantize reference ops (torch.ops.quantized_decomposed): exact "
+    reference = ("int8 weights with quantize/dequantize reference ops written in plain aten (loads with torch alone): exact "
                  "quantized semantics, but eager PyTorch runs them in float, slower than the float model; ")
     if int8 is None:
         return reference + "use model.onnx for int8 speed"

@@ -271,6 +271,10 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
 
     probe = random_batches(specs, 1, r.verify.batch, r.seed + 1)
     pass_errors: list[float] = []
+    # the model before quantize, for model_float.onnx (a float artefact to deploy where int8 does not pay off)
+    wants_float = emit and "onnx" in r.output.formats and not profile.integer_only
+    quantize_at = next((i for i, p in enumerate(passes) if p.name == "quantize"), None) if wants_float else None
+    before_quantize = [copy.deepcopy(prepared.ir)] if quantize_at == 0 else []
     evaluations: list[StageEvaluation] = []
     if eval_data is not None and task is not None:
         evaluations.append(StageEvaluation("original", evaluate(model, eval_data, task, reference=model)))
@@ -278,6 +282,8 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     def observe(record: PassRecord) -> None:
         checks = compare(model, record.result.ir.gm, probe, "probe", r.verify.rtol, r.verify.atol)
         pass_errors.append(max((c.max_abs_err for c in checks), default=0.0))
+        if quantize_at is not None and len(pass_errors) == quantize_at:
+            before_quantize.append(copy.deepcopy(record.result.ir))
         if eval_data is not None and task is not None:
             stage = StageEvaluation(f"after {record.name}", evaluate(record.result.ir.gm, eval_data, task, reference=model))
             evaluations.append(stage)
@@ -313,7 +319,8 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
     if out is not None:
         try:
             report = emit_artefacts(
-                out, report, ir, r, model, integer.program if integer is not None else None, profile, force=force
+                out, report, ir, r, model, integer.program if integer is not None else None, profile, force=force,
+                float_ir=before_quantize[0] if before_quantize else None,
             )
         except EmitError as e:
             if not r.model.leaf_modules:
@@ -329,7 +336,7 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
 def evaluate_artefacts(
     recipe: str | Path | Recipe | LoadedRecipe | dict, artefact_dir: str | Path | None = None
 ) -> list[StageEvaluation]:
-    """Score the original model and each emitted artefact (model.pt2, model_int8.pt, model.onnx) on ``data.eval``.
+    """Score the original model and each emitted artefact (model.pt2, model_int8.pt, model.onnx, model_float.onnx) on ``data.eval``.
 
     ``artefact_dir`` defaults to the recipe's ``output.dir``; artefacts that are not
     there are left out. Agreement is always measured against the original model.
@@ -360,6 +367,12 @@ def evaluate_artefacts(
         stages.append(StageEvaluation(
             f"{onnx_path.name} (onnxruntime)", evaluate(onnx_callable(onnx_path), eval_data, task, reference=model)
         ))
+    float_path = folder / "model_float.onnx"  # the float fallback a quantized compile writes (see deploy)
+    if float_path.is_file():
+        stages.append(StageEvaluation(
+            f"{float_path.name} (onnxruntime, before quantize)",
+            evaluate(onnx_callable(float_path), eval_data, task, reference=model),
+        ))
     return stages
 
 
@@ -377,6 +390,6 @@ def _context(
         services["score"] = lambda m: evaluate(m, eval_data, task, reference=original).headline
     if train is not None:
         tune_eval = eval_data if (eval_data is not None and (eval_data.has_labels or task != "classification")) else None
-        services[FINETUNE_SERVICE] = FineTuner(train, tune_eval, task or "generic", r.seed)
-        services["finetune_config"] = r.finetune
+        # the recipe's finetune: block is every fine-tuning pass's default (FineTuner.defaults)
+        services[FINETUNE_SERVICE] = FineTuner(train, tune_eval, task or "generic", r.seed, defaults=r.finetune)
     return PassContext(profile=profile, seed=r.seed, calibration=calibration, services=services)

@@ -1,11 +1,12 @@
 """The fine-tuning configuration: pure schema, so recipes can embed it without importing torch.
 
-`effopt.optimizer.train.finetune` is the service that runs it.
+`effopt.optimizer.train.finetune` is the service that runs it. A recipe's top-level ``finetune:``
+block is the default of every fine-tuning pass, and what a pass's own options set explicitly
+overrides it (`with_defaults`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
@@ -76,15 +77,43 @@ class FineTuneConfig(BaseModel):
     )
     progress: bool = Field(True, description="Show a progress bar on stderr (only when stderr is a terminal).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_budget(cls, data: object) -> object:
-        if isinstance(data, Mapping) and data.get("epochs") is None and data.get("steps") is None:
-            return {**data, "epochs": DEFAULT_EPOCHS}
-        return data
-
     @model_validator(mode="after")
     def _one_budget(self) -> FineTuneConfig:
         if self.epochs is not None and self.steps is not None:
             raise ValueError(f"give either epochs ({self.epochs}) or steps ({self.steps}), not both")
+        if self.epochs is None and self.steps is None:
+            # the default budget, filled in after validation so that ``model_fields_set`` still says
+            # the user gave no budget (`with_defaults` then takes the recipe's)
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS)
         return self
+
+
+_BUDGET = ("epochs", "steps")
+
+
+def _sets_budget(config: FineTuneConfig) -> bool:
+    """Whether ``epochs`` or ``steps`` was given explicitly (not the default ``epochs = 3``)."""
+    return any(name in config.model_fields_set and getattr(config, name) is not None for name in _BUDGET)
+
+
+def with_defaults(config: FineTuneConfig, defaults: FineTuneConfig | None) -> FineTuneConfig:
+    """The configuration a fine-tuning run uses: a pass's ``config`` over the recipe's ``defaults``.
+
+    Each field comes from the first of: what ``config`` sets explicitly, what ``defaults`` (the
+    recipe's ``finetune:`` block) sets explicitly, ``config``'s own default. So a pass's defaults
+    (QAT's ``lr = 1e-4``) hold until the recipe says otherwise, and a pass option always wins.
+    ``epochs`` and ``steps`` are one budget: whoever sets either sets both. Extra fields of an
+    options subclass (QAT's ``learnable_scales``) are dropped.
+
+    Example: recipe ``finetune: {lr: 0.5, steps: 100}`` with ``qat: {epochs: 2}`` gives
+    ``lr = 0.5, epochs = 2, steps = None``; with ``qat: {lr: 1e-5}`` it gives ``lr = 1e-5,
+    steps = 100``; with no ``finetune:`` block, ``qat: {}`` keeps QAT's ``lr = 1e-4, epochs = 3``.
+    """
+    values = {name: getattr(config, name) for name in FineTuneConfig.model_fields}
+    if defaults is not None:
+        for name in FineTuneConfig.model_fields:
+            if name not in _BUDGET and name in defaults.model_fields_set and name not in config.model_fields_set:
+                values[name] = getattr(defaults, name)
+        if _sets_budget(defaults) and not _sets_budget(config):
+            values |= {name: getattr(defaults, name) for name in _BUDGET}
+    return FineTuneConfig(**values)

@@ -11,6 +11,18 @@ asks three questions and records the answer as a `PlanStep`:
 The user's explicit passes are always kept, with their options and order; chosen
 passes are inserted where their ordering constraints allow. New passes plug in
 by being in the registry: the planner has no per-pass code.
+
+A plan is a prediction. The roofline can be wrong about a runtime: on an x86 host
+without VNNI a LeNet-sized model's int8 QDQ ONNX ran 2x slower in onnxruntime at
+batch 32 than its float ONNX, while the plan said "predicted 2.192× faster". So the
+planner is not the last word on what ships: after the compile, the deploy choice
+(`effopt.optimizer.measure.deploy`, which passes may not import) times the
+artefacts side by side where this host has the target's arch, and when the float
+``model_float.onnx`` (the model before quantize) wins, it is what ``deploy`` names,
+the plan line of ``quantize`` says so, and the report warns. Where the host can
+stand in for the target, the deployed artefact is never an int8 one that measured
+more than 20% slower than the model before quantize. (The exact passes,
+fold_batchnorm and eliminate_dead_code, only remove work.)
 """
 
 from __future__ import annotations

@@ -64,7 +64,11 @@ from effopt.optimizer.quant.schemes import (
 
 
 class QatOptions(FineTuneConfig):
-    """Quantization-aware training: a fine-tuning run on the fake-quantized model (see `FineTuneConfig`)."""
+    """Quantization-aware training: a fine-tuning run on the fake-quantized model (see `FineTuneConfig`).
+
+    A field set here overrides the recipe's ``finetune:`` block; one left out comes from that block
+    if it sets it, else from the defaults below (`effopt.passes.finetuning.with_defaults`).
+    """
 
     learnable_scales: bool = Field(False, description="train the quantizer scales too (LSQ)")
     freeze_batchnorm: bool = Field(True, description="keep any BatchNorm statistics fixed while training")
@@ -489,11 +493,13 @@ def _qat(ir: IR, rw: _Rewrite, teacher: nn.Module, ctx: PassContext, qat: QatOpt
             fq.make_learnable()
         for layer in rw.layers:
             layer.weight_quant.make_learnable()
-    config = FineTuneConfig(**qat.model_dump(exclude={"learnable_scales"}))
-    result = tuner.run(ir.gm, teacher.eval(), config)  # type: ignore[attr-defined]
+    # the service lays qat's explicit fields over the recipe's finetune: block (with_defaults), so
+    # pass qat itself: a copy through model_dump would mark every field as set by the user
+    result = tuner.run(ir.gm, teacher.eval(), qat)  # type: ignore[attr-defined]
     for fq in [*rw.activation_quants, *(layer.weight_quant for layer in rw.layers)]:
         fq.sync()
-    stats = {"qat_steps": float(result.steps), "qat_seconds": float(result.seconds)}
+    # no wall-clock seconds here: stats go into report.json, which must be byte-identical between runs
+    stats = {"qat_steps": float(result.steps)}
     if result.initial_headline is not None and result.best_headline is not None:
         stats |= {"qat_initial_headline": result.initial_headline, "qat_best_headline": result.best_headline}
     return stats

@@ -33,8 +33,6 @@ from tests.models import ZOO, randomize_bn, seeded
 
 RTOL = 1e-5
 ATOL = 1e-6
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DIGITS_CHECKPOINT = REPO_ROOT / "recipes" / "checkpoints" / "digits.pt"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -334,11 +332,11 @@ def test_digits_net_on_real_digits() -> None:
     assert torch.equal(after.argmax(1), before.argmax(1))
 
 
-@pytest.mark.skipif(not DIGITS_CHECKPOINT.is_file(), reason="trained checkpoint not built (make demo)")
-def test_trained_digits_net_keeps_its_accuracy() -> None:
+def test_trained_digits_net_keeps_its_accuracy(digits_checkpoint: Path) -> None:
+    """On the trained net (`digits_checkpoint` in tests/conftest.py builds it when make demo has not)."""
     # setup
     model = DigitsNet()
-    model.load_state_dict(torch.load(DIGITS_CHECKPOINT, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(digits_checkpoint, map_location="cpu", weights_only=True))
     model.eval()
     x, y = sklearn_digits("test").tensors
     ir = build_ir(model, (1, 1, 8, 8))

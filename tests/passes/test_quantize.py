@@ -128,11 +128,26 @@ def test_sites_the_pass_cannot_handle_are_reported() -> None:
     ctx = PassContext(calibration=random_source(ZOO["shared_module_net"][1]))
     ir, (record,) = run_passes(ir, passes("quantize"), ctx)
     assert any("shared by several call sites" in s.reason for s in record.result.skipped)
-    keep = passes({"name": "quantize", "keep_float": ["fc"]})
-    _, ir2 = build("vgg_style")
+
+
+@pytest.mark.parametrize("name", ["classifier.4", "classifier_4"])  # a module path or its fx node name
+def test_keep_float_leaves_the_named_layer_in_float_and_says_so(name: str) -> None:
+    """vgg_style's last Linear (module ``classifier.4``, node ``classifier_4``) stays float; the others quantize."""
+    # setup
+    _, ir = build("vgg_style")
     shape = ZOO["vgg_style"][1]
-    ir2, (rec2,) = run_passes(ir2, keep, PassContext(calibration=random_source(shape)))
-    assert any(s.reason == "listed in keep_float" for s in rec2.result.skipped) or "fc" not in dict(ir2.gm.named_modules())
+    assert isinstance(ir.gm.get_submodule("classifier.4"), nn.Linear)  # precondition: the layer exists
+    assert "classifier_4" in [n.name for n in ir.gm.graph.nodes]
+    # execute
+    ir, (record,) = run_passes(ir, passes({"name": "quantize", "keep_float": [name]}),
+                               PassContext(calibration=random_source(shape)))
+    # assert
+    kept = ir.gm.get_submodule("classifier.4")
+    assert type(kept) is nn.Linear
+    assert [s.node for s in record.result.skipped if s.reason == "listed in keep_float"] == ["classifier_4"]
+    assert "classifier_4" not in record.result.changed
+    assert isinstance(ir.gm.get_submodule("classifier.0"), QuantLinear)  # the pass did run on the rest
+    assert record.result.stats["quantized_layers"] == 5  # 4 convs + classifier.0
 
 
 def test_int8_only_target_runs_a_fully_quantized_conv_net() -> None:

@@ -1,5 +1,10 @@
 """The ``model.pt2`` artefact: torch.export of the optimized model with a dynamic batch, saved and hashed.
 
+The program must load with ``torch.export.load`` where only torch is imported, so a quantized
+model is exported in `aten_export_form`: its quantize/dequantize steps are core aten ops
+(``round``, ``clamp``, ``mul``, ...) with the same results, not ``torch.ops.quantized_decomposed``
+ops, which exist only once ``torch.ao.quantization.fx._decomposed`` has been imported.
+
 Where artefacts go, and how a folder is replaced atomically, is `effopt.optimizer.emit.writer`.
 """
 
@@ -15,6 +20,7 @@ from torch import nn
 from effopt.errors import EmitError
 from effopt.optimizer.ir.core import InputSpec
 from effopt.optimizer.ir.trace import raise_if_interrupted
+from effopt.optimizer.quant.schemes import aten_export_form
 
 MAX_DYNAMIC_BATCH = 4096
 
@@ -39,12 +45,16 @@ def export_args(
 
 
 def export_program(module: nn.Module, specs: Sequence[InputSpec], example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
-    """torch.export the optimized model with a dynamic batch where the recipe asks for one."""
+    """torch.export the optimized model with a dynamic batch where the recipe asks for one.
+
+    Quantizers are exported in `aten_export_form` (core aten ops only), so the saved program
+    needs nothing but torch to load: ``torch.export.load("model.pt2").module()(x)``.
+    """
     from effopt.optimizer.emit.quiet import quiet_third_party  # torch.export prints partial graphs on failure
 
     args, dynamic = export_args(specs, example_inputs)
     try:
-        with quiet_third_party():
+        with quiet_third_party(), aten_export_form(module):
             return torch.export.export(module, args, dynamic_shapes=dynamic)
     except Exception as e:
         raise_if_interrupted(e)  # a Ctrl-C inside the library stays an interrupt

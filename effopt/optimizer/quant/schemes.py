@@ -13,7 +13,9 @@ whose weights pass through a per-channel `FakeQuant`. The same graph
   be learned (LSQ);
 - exports: in eval mode a `FakeQuant` calls ``torch.ops.quantized_decomposed``
   quantize/dequantize, which the ONNX exporter writes as QuantizeLinear /
-  DequantizeLinear pairs that onnxruntime fuses into int8 kernels;
+  DequantizeLinear pairs that onnxruntime fuses into int8 kernels; inside
+  `aten_export_form` (the ``model.pt2`` export) it computes the same numbers with
+  core aten ops, so the program loads where only torch is imported;
 - lowers to integers for int-only targets (`effopt.optimizer.lower.integer`).
 
 Where the FakeQuants sit, and what each op kind does with them, is the quantized-graph
@@ -22,6 +24,8 @@ contract: `effopt.optimizer.quant.contract`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -135,7 +139,8 @@ class FakeQuant(nn.Module):
     ``calibrated`` (scale/zero_point set). In training mode it applies
     `fake_quantize` (STE; the scale is a learnable parameter when
     ``learnable``); in eval mode it calls torch's quantized_decomposed ops so
-    that torch.export / ONNX see real quantize/dequantize nodes.
+    that the ONNX export sees real quantize/dequantize nodes (`aten_export_form`:
+    the same numbers in core aten ops, for ``model.pt2``).
     """
 
     effopt_kind = "quantize"
@@ -159,6 +164,7 @@ class FakeQuant(nn.Module):
         # constants (reading a buffer with float() would be data-dependent).
         self.frozen_scale = 1.0
         self.frozen_zero = 0
+        self.aten_form = False  # True inside `aten_export_form`: the reference ops as plain aten ops
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> FakeQuant:
         with torch.no_grad():
@@ -196,6 +202,29 @@ class FakeQuant(nn.Module):
             self.learnable = True
         return self
 
+    def _aten_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode inside `aten_export_form`: the reference ops' arithmetic, written in aten ops.
+
+        ``quantize_per_tensor`` is ``clamp(round(x · (1/s)) + z, qmin, qmax)`` cast to the storage
+        dtype and ``dequantize_per_tensor`` is ``(q − z) · s`` in float32 (per channel: with
+        ``s``, ``z`` broadcast along the axis). The same ops on the same operands give the same
+        bits; the cast to int8/uint8 and back is left out, as it changes no value in
+        [qmin, qmax]. (``torch.fake_quantize_per_tensor_affine`` gives the same numbers, but
+        torch.export cannot trace it: it has no meta kernel.)
+        """
+        s = self.scheme
+        x = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x  # as the reference ops do
+        if s.axis is None:
+            scale, zero = self.frozen_scale, self.frozen_zero
+            inverse: torch.Tensor | float = 1.0 / scale
+        else:
+            shape = [1] * x.dim()
+            shape[s.axis] = -1
+            scale, zero = self.scale.detach().float().reshape(shape), self.zero_point.to(torch.int64).reshape(shape)
+            inverse = 1.0 / scale
+        q = torch.clamp(torch.round(x * inverse) + zero, s.qmin, s.qmax)
+        return (q - zero) * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.update(x.detach())  # type: ignore[attr-defined]
@@ -205,6 +234,8 @@ class FakeQuant(nn.Module):
         if self.training:
             return fake_quantize(x, self.scale, self.zero_point, self.scheme)
         s = self.scheme
+        if self.aten_form:
+            return self._aten_forward(x)
         if s.axis is None:
             scale, zero = self.frozen_scale, self.frozen_zero
             q = _QD.quantize_per_tensor(x, scale, zero, s.qmin, s.qmax, s.torch_dtype)
@@ -212,6 +243,51 @@ class FakeQuant(nn.Module):
         scale, zero = self.scale.detach().float(), self.zero_point.to(torch.int64)
         q = _QD.quantize_per_channel(x, scale, zero, s.axis, s.qmin, s.qmax, s.torch_dtype)
         return _QD.dequantize_per_channel(q, scale, zero, s.axis, s.qmin, s.qmax, s.torch_dtype)
+
+
+# --- the core-aten form of the reference ops (model.pt2) ------------------------------------------
+
+
+def _dequantize_aten(codes: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | int, s: QScheme) -> torch.Tensor:
+    """``quantized_decomposed.dequantize_per_tensor/_per_channel`` in aten ops: ``(q − z)·s`` in float32.
+
+    The integers are exact in float32, so this is the reference op bit for bit; a per-channel
+    scale broadcasts along ``s.axis``. Example: codes [−63, 2], s = 0.5, z = 0 → [−31.5, 1.0].
+    """
+    if s.axis is not None:
+        shape = [1] * codes.dim()
+        shape[s.axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)  # type: ignore[union-attr]
+    return (codes.to(torch.float32) - zero) * scale
+
+
+@contextlib.contextmanager
+def aten_export_form(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every `FakeQuant` of ``module`` (and every frozen int8 weight) uses core aten ops.
+
+    Why: the ``quantized_decomposed`` ops are registered only when
+    ``torch.ao.quantization.fx._decomposed`` is imported, so a ``model.pt2`` holding them
+    fails in ``torch.export.load`` where only torch is imported. In the aten form a
+    quantizer is ``mul → round → add → clamp → sub → mul``, i.e.
+    ``(clamp(round(x · (1/s)) + z, qmin, qmax) − z) · s`` with round half to even: the
+    arithmetic of the reference ops, so the same bits (tested on random data and ties); a
+    frozen weight is ``(w_int8 − z) · s_w[C]`` (`_dequantize_aten`). The ONNX export keeps
+    the reference ops (they become QuantizeLinear/DequantizeLinear), so this form is for
+    torch.export only.
+
+    Example: ``with aten_export_form(model): torch.export.export(model, args)``; with s = 0.25,
+    z = 0 an input 0.625 (2.5 steps) comes out 0.5 and 0.875 (3.5 steps) 1.0. The flags are
+    put back afterwards, also on error.
+    """
+    quants = [m for m in module.modules() if isinstance(m, FakeQuant)]
+    before = [fq.aten_form for fq in quants]
+    try:
+        for fq in quants:
+            fq.aten_form = True
+        yield module
+    finally:
+        for fq, flag in zip(quants, before):
+            fq.aten_form = flag
 
 
 class QuantConv(nn.Module):
@@ -265,11 +341,15 @@ def _layer_weight(layer: nn.Module, inner: str) -> torch.Tensor:
     codes = getattr(layer, "weight_codes", None)
     if codes is None:
         return layer.weight_quant(getattr(layer, inner).weight)
-    s = layer.weight_quant.scheme
-    scale, zero = layer.weight_quant.scale.detach().float(), layer.weight_quant.zero_point.to(torch.int64)
+    fq = layer.weight_quant
+    s = fq.scheme
+    scale, zero = fq.scale.detach().float(), fq.zero_point.to(torch.int64)
     if s.axis is None:
-        return _QD.dequantize_per_tensor(codes, layer.weight_quant.frozen_scale, layer.weight_quant.frozen_zero,
-                                         s.qmin, s.qmax, s.torch_dtype)
+        if fq.aten_form:
+            return _dequantize_aten(codes, fq.frozen_scale, fq.frozen_zero, s)
+        return _QD.dequantize_per_tensor(codes, fq.frozen_scale, fq.frozen_zero, s.qmin, s.qmax, s.torch_dtype)
+    if fq.aten_form:
+        return _dequantize_aten(codes, scale, zero, s)
     return _QD.dequantize_per_channel(codes, scale, zero, s.axis, s.qmin, s.qmax, s.torch_dtype)
 
 

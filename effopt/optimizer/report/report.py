@@ -3,7 +3,8 @@
 Nothing run-dependent goes in: no timestamps, no absolute paths, floats rounded
 to 6 significant digits, so the same recipe on the same inputs gives the same
 bytes. (Measured latencies are added only by ``effopt bench``, into a
-separate section.)
+separate section; the timings behind the ``deploy`` choice go to
+``measurements.json``, and its reason names no measured number.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from effopt.optimizer.measure.deploy import DeployChoice
 from effopt.optimizer.measure.evaluate import Evaluation
 from effopt.optimizer.ir.core import CostTotals, InputSpec
 from effopt.passes.manager import PassRecord
@@ -93,6 +95,7 @@ class Report:
     goals: tuple[GoalCheck, ...] = ()
     artefacts: tuple[ArtefactInfo, ...] = ()
     warnings: tuple[str, ...] = ()
+    deploy: DeployChoice | None = None  # which artefact to ship on the target, and why (set with the artefacts)
 
     @property
     def lossy(self) -> bool:
@@ -158,6 +161,7 @@ class Report:
             ],
             "goals": [asdict(g) for g in self.goals],
             "artefacts": [asdict(a) for a in self.artefacts],
+            "deploy": self.deploy.to_dict() if self.deploy is not None else None,
             "warnings": list(self.warnings),
         }
 
@@ -231,6 +235,7 @@ class Report:
                 err = f"{art.max_abs_err:.3g}" if art.max_abs_err is not None else "–"
                 lines.append(f"| {art.file} | {art.size_bytes:,} | {art.check} | {err} | {'yes' if art.passed else 'NO'} |")
             lines += [f"- `{art.file}`: {art.note}" for art in self.artefacts if art.note]
+        lines += _deploy_lines(self.deploy)
         pass_warnings = [(r.name, w) for r in self.passes for w in r.result.warnings]
         if pass_warnings:
             lines += ["", "## Pass notes", ""] + [f"- `{name}`: {w}" for name, w in pass_warnings]
@@ -264,6 +269,19 @@ def evaluation_table(stages: tuple[StageEvaluation, ...] | list[StageEvaluation]
         if ag is not None:
             rows.append(f"| {s.stage} | {ag.cosine_similarity:.6f} | {ag.mse:.4g} | {ag.max_abs_err:.4g} |")
     return rows
+
+
+def _deploy_lines(d: DeployChoice | None) -> list[str]:
+    """The Deploy section: what to ship and why; measured timings stay in measurements.json (not deterministic)."""
+    if d is None:
+        return []
+    if d.artefact is None:
+        return ["", "## Deploy", "", f"Nothing to deploy: {d.reason}."]
+    predicted = "" if d.predicted_s is None else f" Predicted {_ms(d.predicted_s)} at batch {d.predicted_batch} (roofline)."
+    lines = ["", "## Deploy", "", f"`{d.artefact}` ({d.runtime}): {d.reason}.{predicted}"]
+    if d.basis == "measured":
+        lines += ["", "Timings of every candidate: `measurements.json`."]
+    return lines
 
 
 def _evaluation_lines(stages: tuple[StageEvaluation, ...]) -> list[str]:

@@ -31,6 +31,10 @@ Example::
     tuner = FineTuner(train_source, eval_source, "classification", seed=0)
     result = tuner.run(pruned, original, FineTuneConfig(epochs=2, patience=1))
     result.initial_headline, result.best_headline     # 0.81 -> 0.97 (top-1)
+
+The recipe's ``finetune:`` block reaches every pass through ``FineTuner.defaults``: a run uses
+what the pass's config sets explicitly, then what the block sets, then the pass's own defaults
+(`effopt.passes.finetuning.with_defaults`); ``result.config`` is what it used.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from tqdm import tqdm
 
 from effopt.errors import DataError, PassError
 from effopt.optimizer.frontend.data import Batch, DataSource, split_sample
-from effopt.passes.finetuning import DEFAULT_EPOCHS, FineTuneConfig
+from effopt.passes.finetuning import DEFAULT_EPOCHS, FineTuneConfig, with_defaults
 from effopt.optimizer.measure.evaluate import Evaluation, Task, eval_mode, evaluate, first_tensor
 
 __all__ = [
@@ -101,6 +105,7 @@ class FineTuneResult:
     stopped_because: StopReason
     seconds: float
     loss: LossMode
+    config: FineTuneConfig | None = None  # what the run used: the pass's config over the recipe's defaults
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -308,6 +313,9 @@ class FineTuner:
     ``train`` feeds the optimizer (labels optional), ``eval_data`` scores the student for
     early stopping and best-state selection (None: keep the final state). ``task``
     decides the losses and the headline; ``seed`` makes every run reproducible.
+    ``defaults`` is the recipe's ``finetune:`` block: each run's config is laid over it
+    (`with_defaults`), so ``run(m, t, FineTuneConfig(epochs=2))`` under a recipe with
+    ``finetune: {lr: 0.01}`` trains 2 epochs at lr 0.01.
     Classification eval data must carry labels; for regression/generic the headline is
     agreement with the teacher, so a teacher is needed when there is eval data.
     """
@@ -316,6 +324,7 @@ class FineTuner:
     eval_data: DataSource | None
     task: Task
     seed: int = 0
+    defaults: FineTuneConfig | None = None
 
     def evaluate(self, model: nn.Module, teacher: nn.Module | None) -> Evaluation | None:
         """Score ``model`` on the eval data (agreement vs ``teacher`` when given); None without eval data."""
@@ -366,12 +375,16 @@ class FineTuner:
         eval headline) or its final state (no eval data), in eval mode. The teacher runs
         in eval mode under ``no_grad`` and gets its modes back afterwards.
 
+        ``config``'s explicitly set fields override ``defaults``, whose explicitly set fields
+        override ``config``'s own defaults (see `with_defaults`).
+
         Raises:
             DataError: the chosen loss needs labels the training data lacks, or the eval
                 data cannot score the task.
             PassError: the loss or feature matching needs a teacher that is missing, or a
                 feature_matching module is missing or changes shape.
         """
+        config = with_defaults(config, self.defaults)
         mode = self._check(teacher, config)
         trainable = [p for p in (student.parameters() if params is None else params) if p.requires_grad]
         if not trainable:
@@ -455,6 +468,7 @@ class FineTuner:
             stopped_because=stopped,
             seconds=time.perf_counter() - start,
             loss=mode,
+            config=config,
         )
 
     def _loss(
