@@ -461,25 +461,30 @@ class _Lowering(QuantizedGraphWalk[_Value]):
 
         return pool_window(n.name, kind, param, self.shape(n.args[0])[2:], self.shape(n)[2:])
 
-    def max_pool(self, n: fx.Node, kind: str) -> _Value:
+    def _pool_operand(self, n: fx.Node, kind: str) -> tuple[Any, Any] | _Value:
+        """The pooled input's reference and the pool window, or the value to return instead
+        (a float input stays float; a window the integer ops cannot express is a problem)."""
         refs = self.operands(n, kind, [n.args[0]])
         if isinstance(refs, _Float):
             return refs
-        (x,) = refs
         win = self._pool_window(n, kind)
         if isinstance(win, str):
             return self.problem(n, kind, win)
+        return refs[0], win
+
+    def max_pool(self, n: fx.Node, kind: str) -> _Value:
+        pooled = self._pool_operand(n, kind)
+        if not isinstance(pooled, tuple):
+            return pooled
+        x, win = pooled
         op = IntMaxPool(n.name, x.name, n.name, win.kernel, win.stride, win.padding, win.dilation)
         return self.emit_ref(op, n, x.qp, x.scheme)
 
     def avg_pool(self, n: fx.Node, kind: str) -> _Value:
-        refs = self.operands(n, kind, [n.args[0]])
-        if isinstance(refs, _Float):
-            return refs
-        (x,) = refs
-        win = self._pool_window(n, kind)
-        if isinstance(win, str):
-            return self.problem(n, kind, win)
+        pooled = self._pool_operand(n, kind)
+        if not isinstance(pooled, tuple):
+            return pooled
+        x, win = pooled
         kernel, stride, pads = win.kernel, win.stride, win.padding
         mod = self.module(n)
         if kind == "adaptive_avg_pool":
