@@ -86,6 +86,18 @@ def test_int8_compile_passes_and_writes_artefacts(name: str, tmp_path: Path, cal
     assert quantize["name"] == "quantize" and quantize["changed"]  # precondition: it really quantized something
 
 
+@pytest.mark.parametrize("name", list(AS_WRITTEN))
+def test_pruned_compile_passes_and_really_shrinks(name: str, tmp_path: Path, calibration_npz: Path) -> None:
+    passes = ["fold_batchnorm", {"name": "prune_channels", "ratio": 0.5, "round_to": 1, "protect": []}]
+    result = effopt.compile(recipe(name, passes, {"calibration": {"source": str(calibration_npz), "batch_size": 16}}),
+                            output_dir=tmp_path / "out")
+    report = assert_compiled(result, tmp_path / "out", name)
+    prune = report["passes"][-1]
+    assert prune["name"] == "prune_channels"
+    assert prune["stats"]["flops_after"] < 0.8 * prune["stats"]["flops_before"], prune["skipped"]
+    assert report["totals"]["after"]["params"] < report["totals"]["before"]["params"]
+
+
 def test_the_flag_still_works_on_the_original_model() -> None:
     builder, shape = AS_WRITTEN["flag_net"]
     model = builder()

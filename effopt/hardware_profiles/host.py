@@ -392,6 +392,7 @@ def measure_host_details(
         op_overhead_s=_sig4(overhead),
         accumulator_bits=32,
         int8_weight_bits=host_int8_weight_bits(),
+        channel_multiple=8 if host_arch() == "x86_64" else 4,
     )
     left_out = {d: v for d, v in flops.items() if d not in peaks}
     notes = [
@@ -489,5 +490,6 @@ def profile_to_yaml(profile: HardwareProfile, notes: Sequence[str] = ()) -> str:
         f"op_overhead_s: {_number(profile.op_overhead_s)}",
         f"accumulator_bits: {profile.accumulator_bits}",
         f"int8_weight_bits: {profile.int8_weight_bits}",
+        f"channel_multiple: {profile.channel_multiple}",
     ]
     return "\n".join(lines) + "\n"

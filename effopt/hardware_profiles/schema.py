@@ -193,6 +193,16 @@ class HardwareProfile(BaseModel):
         ),
     )
 
+    channel_multiple: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Channel counts the target's kernels run best in multiples of (the SIMD width in fp32 lanes "
+            "on a CPU, the tensor-core tile on a GPU): the default `round_to` of prune_channels, so a "
+            "pruned layer does not end on a ragged, slower tile."
+        ),
+    )
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> HardwareProfile:
         floats = [d for d in self.peak_flops_per_s.dtypes if d in FLOAT_DTYPES]

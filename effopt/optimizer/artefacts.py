@@ -1,10 +1,16 @@
-"""Artefacts of a compile: model.pt2, model_int8.pt, model.onnx, model_float.onnx, model.h and the report, atomically.
+"""Artefacts of a compile: model.pt2, model_int8.pt, model.onnx, model_float.onnx, model.h, model_aoti.pt2
+and the report, atomically.
 
 Each artefact is checked as it is written (reloaded and compared with the optimized
 model), and the report says what runs inside it: float ops, torch's reference
 quantize/dequantize ops, torch's x86 int8 kernels, or onnxruntime's int8 kernels.
 For an integer-only target the quantized graph is also lowered to an integer
 program, checked bit for bit and scored (`lower_for_integer_target`).
+A half-precision model (``half_precision``) ships ``model.pt2`` in its dtype; its
+``model.onnx`` is in that dtype only where onnxruntime has kernels for it
+(`half_onnx_blocker`), else fp32 with the reason in the artefact's note (`_emit_half_onnx`).
+``model_aoti.pt2`` (``formats: [aoti]``) is the program compiled by AOTInductor for this
+CPU (`_emit_aoti`); its compile time goes to ``measurements.json``.
 Last, the report's ``deploy`` section names the artefact to ship on the target
 (`effopt.optimizer.measure.deploy`: timed side by side when this host has the
 target's arch, with the timings in ``measurements.json``).
@@ -22,23 +28,39 @@ from torch import nn
 
 from effopt.errors import EmitError, LoweringError
 from effopt.hardware_profiles import HardwareProfile
-from effopt.hardware_profiles.host import host_int8_weight_bits
+from effopt.hardware_profiles.host import host_arch, host_int8_weight_bits
+from effopt.optimizer.emit.aoti import AOTI_FILE, INPUT_LAYOUT, aoti_blocker, compile_aoti, load_aoti
 from effopt.optimizer.emit.c_header import write_c_header
 from effopt.optimizer.frontend.data import DataSource
 from effopt.optimizer.emit.pt2 import export_program, save_pt2, sha256
 from effopt.optimizer.emit.writer import atomic_dir
-from effopt.optimizer.emit.onnx import export_onnx
+from effopt.optimizer.emit.onnx import export_onnx, half_onnx_blocker
 from effopt.optimizer.ir.compare import compare_outputs
-from effopt.optimizer.measure.deploy import Timer, candidates_in, choose_deploy, deploy_batches, make_timer
+from effopt.optimizer.measure.deploy import (
+    Timer,
+    candidates_in,
+    choose_deploy,
+    compile_times_json,
+    deploy_batches,
+    make_timer,
+)
 from effopt.optimizer.measure.evaluate import Task, evaluate
 from effopt.optimizer.lower.integer import IntegerExecutor, IntegerProgram, lower_to_integer, reference_integer_model
-from effopt.optimizer.ir.core import IR
+from effopt.optimizer.ir.core import IR, facts, has_facts
 from effopt.optimizer.quant.schemes import FakeQuant, QuantConv, QuantLinear, freeze_weights
-from effopt.optimizer.report.report import ArtefactInfo, GoalCheck, Report, StageEvaluation
+from effopt.optimizer.report.report import ArtefactInfo, GoalCheck, LayerPrecision, Report, StageEvaluation
 from effopt.optimizer.lower.torch_int8 import Unsupported, int8_summary, lower_to_torch_int8
 from effopt.optimizer.emit.torchscript import save_torchscript
 from effopt.optimizer.measure.runtime import onnx_runner
-from effopt.optimizer.measure.verify import OutputAgreement, compare, compare_onnx, quantized_fidelity, random_batches
+from effopt.optimizer.measure.verify import (
+    OutputAgreement,
+    compare,
+    compare_onnx,
+    dtype_tolerance,
+    quantized_fidelity,
+    random_batches,
+)
+from effopt.passes.half_precision import float32_copy, half_dtype_of
 from effopt.recipes.schema import Recipe
 
 @dataclass(frozen=True)
@@ -102,9 +124,15 @@ def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: 
     check_batches = fidelity_batches[:2]  # the same draws: one seeded generator
     model = freeze_weights(copy.deepcopy(ir.gm)).eval()  # quantized layers store int8 weights in artefacts
     quantized = _quantized(model)
+    half = half_dtype_of(model)
+    onnx_dtypes: dict[str, str] | None = None  # model.onnx's dtypes where they are not the IR's (fp32 twin)
+    compile_s: dict[str, float] = {}
+    warnings: list[str] = []
+    exported = None  # the torch.export program of model.pt2, compiled again by AOTInductor
     with atomic_dir(out, force=force) as tmp:  # force: see effopt.optimizer.emit.writer
         if "pt2" in recipe.output.formats:
-            path = save_pt2(export_program(model, ir.inputs, ir.example_inputs), tmp / "model.pt2")
+            exported = export_program(model, ir.inputs, ir.example_inputs)
+            path = save_pt2(exported, tmp / "model.pt2")
             reloaded = torch.export.load(str(path)).module()
             checks = compare(ir.gm, reloaded, check_batches, "pt2 reload", recipe.verify.rtol, recipe.verify.atol)
             int8 = _torch_int8(ir, profile) if quantized else None
@@ -114,10 +142,13 @@ def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: 
                     int8_info = _emit_torch_int8(int8, ir, original, tmp / "model_int8.pt", fidelity_batches, recipe)
                 except EmitError as e:  # TorchScript refused it: the pt2 stays the PyTorch artefact
                     int8 = Unsupported((str(e),))
-            note = _pt2_note(model, int8)
+            note = _pt2_note(model, int8) or _half_pt2_note(model, half)
             artefacts.append(replace(_info(path, "torch.export.load + outputs vs optimized model", checks), note=note))
             artefacts += [int8_info] if int8_info is not None else []
-        if "onnx" in recipe.output.formats:
+        if "onnx" in recipe.output.formats and half is not None:
+            info, onnx_dtypes = _emit_half_onnx(model, ir, half, tmp / "model.onnx", check_batches, recipe)
+            artefacts.append(info)
+        elif "onnx" in recipe.output.formats:
             path = export_onnx(model, ir.example_inputs, [s.name for s in ir.inputs], [s.dynamic_batch for s in ir.inputs], tmp / "model.onnx")
             # raises on a different output count/shape (an emit defect); a quantized model's numbers are
             # then judged by their fidelity to the original, not by these float tolerances
@@ -138,6 +169,15 @@ def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: 
                 ))
         if quantized and float_ir is not None and "onnx" in recipe.output.formats and not (profile and profile.integer_only):
             artefacts.append(_emit_float_onnx(float_ir, tmp / "model_float.onnx", check_batches, recipe))
+        if "aoti" in recipe.output.formats:
+            blocker = aoti_blocker(profile, host_arch())
+            if blocker is None:
+                exported = exported if exported is not None else export_program(model, ir.inputs, ir.example_inputs)
+                info, compile_s[AOTI_FILE] = _emit_aoti(exported, tmp / AOTI_FILE, ir, original, half, quantized,
+                                                        fidelity_batches, recipe)
+                artefacts.append(info)
+            else:
+                warnings.append(f"{AOTI_FILE} (formats: aoti) not written: {blocker}")
         if program is not None:
             header = tmp / "model.h"
             header.write_text(write_c_header(program, "effopt_model"))
@@ -145,9 +185,13 @@ def emit_artefacts(out: Path, report: Report, ir: IR, recipe: Recipe, original: 
                 "model.h", header.stat().st_size, sha256(header), "integer program checked bit-exact (see goals)",
                 None, True, f"int8 weights, int32 biases, fixed-point multipliers and shifts for {len(program.ops)} ops",
             ))
-        report = replace(report, artefacts=tuple(artefacts))
+        report = replace(report, artefacts=tuple(artefacts), precision=layer_precision(ir),
+                         warnings=(*report.warnings, *warnings))
         if profile is not None:
-            report = _with_deploy(report, tmp, ir, float_ir, quantized, profile, timer or make_timer(ir.inputs, recipe.seed))
+            report = _with_deploy(report, tmp, ir, float_ir, quantized, profile, timer or make_timer(ir.inputs, recipe.seed),
+                                  onnx_dtypes, compile_s)
+        if compile_s and not (tmp / "measurements.json").is_file():
+            (tmp / "measurements.json").write_text(compile_times_json(compile_s))
         (tmp / "report.json").write_text(report.to_json())
         (tmp / "report.md").write_text(report.to_markdown())
     return report
@@ -166,15 +210,18 @@ def _emit_float_onnx(float_ir: IR, path: Path, batches: list, recipe: Recipe) ->
 
 
 def _with_deploy(report: Report, folder: Path, ir: IR, float_ir: IR | None, quantized: bool,
-                 profile: HardwareProfile, timer: Timer) -> Report:
-    """``report`` with its ``deploy`` section; writes ``measurements.json`` when the choice was measured.
+                 profile: HardwareProfile, timer: Timer, onnx_dtypes: dict[str, str] | None = None,
+                 compile_s: dict[str, float] | None = None) -> Report:
+    """``report`` with its ``deploy`` section; writes ``measurements.json`` when the choice was measured
+    (with ``compile_s``, the seconds each compiled artefact took to build).
 
     When ``passes: auto`` chose quantize and the float model is deployed, the plan line says so too.
     """
     auto_quantize = any(p.name == "quantize" and p.chosen for p in report.plan)
-    pool = candidates_in(folder, ir, float_ir if quantized else None, quantized)
+    pool = candidates_in(folder, ir, float_ir if quantized else None, quantized, onnx_dtypes)
     choice, measurements = choose_deploy(pool, profile, deploy_batches(ir.inputs), timer, auto_quantize=auto_quantize)
     if measurements is not None:
+        measurements = replace(measurements, compile_s=dict(compile_s or {}))
         (folder / "measurements.json").write_text(measurements.to_json())
     if choice.warning is None:
         return replace(report, deploy=choice)
@@ -183,6 +230,94 @@ def _with_deploy(report: Report, folder: Path, ir: IR, float_ir: IR | None, quan
         note = f"; but the int8 artefacts {choice.basis} slower, so {choice.artefact} (before quantize) is deployed"
         plan = tuple(replace(p, reason=p.reason + note) if p.name == "quantize" and p.chosen else p for p in plan)
     return replace(report, deploy=choice, plan=plan, warnings=(*report.warnings, choice.warning))
+
+
+# -- half precision and AOTInductor -----------------------------------------------------------------------
+
+
+def layer_precision(ir: IR) -> tuple[LayerPrecision, ...]:
+    """Each compute node's dtype when some node computes in bf16/fp16 (else nothing: the report keeps its bytes).
+
+    Views and casts are left out (they compute nothing); a quantized layer shows int8, a layer the
+    quantize pass promoted shows the half dtype or fp32.
+    """
+    rows = [LayerPrecision(n.name, facts(n).op, facts(n).compute_dtype) for n in ir.compute_nodes()
+            if has_facts(n) and facts(n).flops > 0]
+    return tuple(rows) if any(r.dtype in ("bf16", "fp16") for r in rows) else ()
+
+
+def _half_pt2_note(model: nn.Module, half: str | None) -> str:
+    if half is None:
+        return ""
+    layout = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                 for p in model.parameters())
+    return (f"{half} compute with fp32 inputs and outputs (cast at the boundary)"
+            + ("; 4-D conv weights channels-last" if layout else "") + "; loads with torch alone")
+
+
+def _compute_op_types(ir: IR) -> list[str]:
+    """The ONNX compute ops the exported model has: Conv / ConvTranspose / Gemm and MatMul."""
+    by_kind = {"conv": ["Conv"], "conv_transpose": ["ConvTranspose"], "linear": ["Gemm", "MatMul"], "matmul": ["MatMul"]}
+    ops: list[str] = []
+    for n in ir.compute_nodes():
+        for op in by_kind.get(facts(n).op_kind, []) if has_facts(n) else []:
+            ops += [op] if op not in ops else []
+    return ops
+
+
+def _emit_half_onnx(model: nn.Module, ir: IR, half: str, path: Path, batches: list,
+                    recipe: Recipe) -> tuple[ArtefactInfo, dict[str, str] | None]:
+    """``model.onnx`` of a half-precision model, and the dtypes to price it in when they are not the IR's.
+
+    In ``half`` where onnxruntime has CPU kernels in that dtype for every compute op (checked
+    against the half model at `dtype_tolerance`); else the model's fp32 twin (`float32_copy`: the
+    same half-rounded weights, fp32 compute, no casts), held to the recipe's tolerances against
+    that twin, and the note says why.
+    """
+    names, dynamic = [s.name for s in ir.inputs], [s.dynamic_batch for s in ir.inputs]
+    blocker = half_onnx_blocker(half, _compute_op_types(ir))
+    if blocker is None:
+        export_onnx(model, ir.example_inputs, names, dynamic, path)
+        rtol, atol = dtype_tolerance(half, recipe.verify.rtol, recipe.verify.atol)
+        agreement = compare_onnx(path, ir.gm, batches, rtol, atol)
+        return ArtefactInfo(path.name, path.stat().st_size, sha256(path),
+                            f"onnx.checker + onnxruntime outputs vs optimized model (rtol {rtol:.3g}, atol {atol:.3g})",
+                            agreement.max_abs_err, agreement.passed,
+                            f"{half} weights and compute, fp32 inputs and outputs"), None
+    twin = float32_copy(model).eval()
+    export_onnx(twin, ir.example_inputs, names, dynamic, path)
+    agreement = compare_onnx(path, twin, batches, recipe.verify.rtol, max(recipe.verify.atol, 1e-5))
+    fp32 = {n.name: "fp32" for n in ir.compute_nodes() if has_facts(n) and facts(n).compute_dtype in ("bf16", "fp16")}
+    return ArtefactInfo(path.name, path.stat().st_size, sha256(path),
+                        f"onnx.checker + onnxruntime outputs vs the model's fp32 twin ({half} weights widened)",
+                        agreement.max_abs_err, agreement.passed,
+                        f"fp32, not {half}: {blocker}; the {half}-rounded weights are widened to fp32 exactly"), fp32
+
+
+def _emit_aoti(program: torch.export.ExportedProgram, path: Path, ir: IR, original: nn.Module, half: str | None,
+               quantized: bool, batches: list, recipe: Recipe) -> tuple[ArtefactInfo, float]:
+    """``model_aoti.pt2``: compile, reload as a user would, compare; returns its entry and the compile seconds.
+
+    Checked against the optimized model at `dtype_tolerance` (Inductor fuses and rounds a half chain
+    once), or, for a quantized model, by `quantized_fidelity` like the other int8 artefacts.
+    """
+    package = compile_aoti(program, path)
+    loaded = load_aoti(package.path)
+    note = (f"AOTInductor package compiled for this host's CPU ({host_arch() or 'unknown arch'}); loads with "
+            f"torch alone: torch._inductor.aoti_load_package(path)(x); {INPUT_LAYOUT}; compile time in measurements.json")
+    check = "aoti_load_package + outputs vs optimized model"
+    if quantized:
+        fidelity = quantized_fidelity(original, ir.gm, loaded, batches, recipe.verify.atol)
+        info = ArtefactInfo(path.name, path.stat().st_size, None, check.replace("optimized model", "the original")
+                            + " (RMS, 1.25x the fake-quant model's)", fidelity.max_drift, fidelity.passed,
+                            f"{note}; {fidelity.describe()}")
+        return info, package.compile_s
+    rtol, atol = dtype_tolerance(half, recipe.verify.rtol, recipe.verify.atol)
+    checks = compare(ir.gm, loaded, batches[:2], "aoti reload", rtol, atol)
+    err = max((c.max_abs_err for c in checks), default=0.0)
+    ok = all(c.within_tolerance for c in checks)
+    return ArtefactInfo(path.name, path.stat().st_size, None, f"{check} (rtol {rtol:.3g}, atol {atol:.3g})", err, ok,
+                        note), package.compile_s
 
 
 def _quantized(model: nn.Module) -> bool:

@@ -10,12 +10,22 @@ from effopt.errors import PassError
 from effopt.passes.base import Pass
 from effopt.passes.eliminate_dead_code import EliminateDeadCode
 from effopt.passes.fold_batchnorm import FoldBatchNorm
+from effopt.passes.prune_channels import PruneChannels
+from effopt.passes.low_rank import LowRank
+from effopt.passes.prune_unstructured import PruneUnstructured
+from effopt.passes.half_precision import HalfPrecision
 from effopt.passes.quantize import Quantize
+from effopt.passes.separable_conv import SeparableConv
 
 REGISTRY: tuple[type[Pass], ...] = (
     FoldBatchNorm,
     EliminateDeadCode,
+    PruneChannels,
+    PruneUnstructured,
     Quantize,
+    HalfPrecision,
+    SeparableConv,
+    LowRank,
 )
 
 

@@ -62,6 +62,9 @@ class PassResult:
     stats: Mapping[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # things the user should know, shown in the report
     delta: CostDelta | None = None
+    # one row per site the pass decided about (layer, channels before/after, error, ...): JSON-ready
+    # values, same keys in every row; the report shows them as a table under the pass
+    details: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def modified(self) -> bool:

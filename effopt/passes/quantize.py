@@ -16,7 +16,8 @@ with distillation from the float model (rounding has a straight-through
 gradient; ``learnable_scales`` trains the scales, LSQ). ``mixed_precision``
 measures each layer's sensitivity (only that layer quantized) and keeps the
 most sensitive ones in float until the output error is within budget,
-preferring layers the cost model says are cheap to keep in float.
+preferring layers the cost model says are cheap to keep in float: three
+levels, int8 → bf16/fp16 where the target runs one (`preferred_half_dtype`) → fp32.
 
 Functional conv/linear calls (a ``torch.export`` program's ``aten.conv2d`` /
 ``aten.linear``, ``F.conv2d`` in a forward) are first lifted to ``nn`` modules
@@ -39,10 +40,12 @@ from torch import nn
 from effopt.errors import InternalError, PassError
 from effopt.optimizer.ir.analysis import canonical_op
 from effopt.passes.finetuning import FineTuneConfig
+from effopt.passes.half_precision import HALF_TORCH_DTYPES, preferred_half_dtype
 from effopt.optimizer.ir.compare import compare_tensors, concat_flat, output_tensors
 from effopt.optimizer.ir.core import IR, facts, has_facts
 from effopt.optimizer.ir.lift import LiftResult, lift_functional_layers
 from effopt.passes.base import Pass, PassContext, PassOptions, PassResult, Skip
+from effopt.passes.ptq_steps import AdaRoundOptions, PtqSteps, Toggle, ptq_settings
 from effopt.optimizer.quant.contract import (
     PASS_THROUGH_KINDS,
     REQUANTIZED_KINDS,
@@ -53,6 +56,7 @@ from effopt.optimizer.quant.contract import (
     quantizer_node,
 )
 from effopt.optimizer.quant.dynamic import DynamicInput
+from effopt.optimizer.quant.sensitivity import OutputSensitivity, decision_axes, measure_outputs
 from effopt.optimizer.quant.schemes import (
     FakeQuant,
     QScheme,
@@ -93,6 +97,12 @@ class QuantizeOptions(PassOptions):
         "relative output error ||y_q − y||² / ||y||² on calibration data"
     )
     qat: QatOptions | None = Field(None, description="quantization-aware training after calibration (needs data.train)")
+    equalize: Toggle = Field("auto", description="cross-layer equalization of conv/linear pairs before calibration; "
+                             "auto: per pair where it lowers the measured error (static mode), see docs/ptq.md")
+    bias_correction: Toggle = Field("auto", description="fold each layer's expected output shift into its bias; "
+                                    "auto: per layer where it lowers the held-out error (static mode)")
+    adaround: AdaRoundOptions | bool = Field(False, description="learn each weight's rounding direction (AdaRound) "
+                                             "on calibration data; true for the defaults")
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeOptions:
@@ -105,8 +115,9 @@ class QuantizeOptions(PassOptions):
 class LayerSensitivity:
     node: str
     sensitivity: float     # relative output error with only this layer quantized
-    float_cost_s: float    # predicted extra latency of keeping it in float on the target
-    precision: str         # what it got: the pass's bits, "8-bit" (promoted from 4/2) or "float"
+    float_cost_s: float    # predicted extra latency of keeping it in float (bf16/fp16 where the target runs it)
+    precision: str         # what it got: the pass's bits, "8-bit" (promoted from 4/2), "bf16"/"fp16" or "float"
+    top1_agreement: float | None = None  # decisions kept with only this layer quantized (worst head; None: no decision head)
 
 
 def within_kernel_weight_range(options: QuantizeOptions, profile: object | None) -> tuple[QuantizeOptions, list[str]]:
@@ -150,7 +161,9 @@ class Quantize(Pass):
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         o, warnings = within_kernel_weight_range(self.options, ctx.profile)
         lift = lift_functional_layers(ir, WEIGHTED_KINDS)
-        float_model = copy.deepcopy(ir.gm) if (o.qat or o.mixed_precision) else None
+        ptq = PtqSteps(ptq_settings(o, weight_scheme(o)), ctx)
+        ptq.equalize(ir)  # before the float copy and calibration: exact in float
+        float_model = copy.deepcopy(ir.gm) if (o.qat or o.mixed_precision or ptq.needs_float_model) else None
         rewrite = _Rewrite(ir, o, lift)
         rewrite.apply()
         stats: dict[str, float] = {"quantized_layers": float(len(rewrite.layers))}
@@ -168,21 +181,29 @@ class Quantize(Pass):
             _calibrate_weight(layer, o.weight_observer)
         if o.mode == "static":
             warnings += _accumulator_warnings(ir, rewrite, ctx)
+        sens: list[LayerSensitivity] = []
         if o.mixed_precision:
             assert float_model is not None
             sens = _mixed_precision(ir, rewrite, float_model, ctx, o)
             stats["promoted_by_sensitivity"] = float(sum(s.precision != f"{o.bits}-bit" for s in sens))
+            word = _float_word(ctx.profile)
             warnings += [
-                f"mixed precision: '{s.node}' sensitivity {s.sensitivity:.3g} (float would cost "
+                f"mixed precision: '{s.node}' sensitivity {s.sensitivity:.3g} ({word} would cost "
                 f"{s.float_cost_s * 1e6:.2f} µs more) → {s.precision}"
                 for s in sens
             ]
+        # AdaRound, bias correction: after mixed precision, so they fit the precision each layer ended with
+        ptq.after_calibration(ir.gm, rewrite.layer_nodes, rewrite.layers, float_model)
         if o.qat is not None:
             assert float_model is not None
             stats.update(_qat(ir, rewrite, float_model, ctx, o.qat))
         ir.gm.eval()
         changed = [*rewrite.changed, *(name for name in lift.new_names if name not in rewrite.changed)]
-        return PassResult(ir, tuple(changed), tuple(rewrite.skipped), stats, tuple(warnings))
+        rows = {s.node: {"sensitivity": s.sensitivity, "top1_agreement": s.top1_agreement, "precision": s.precision}
+                for s in sens}
+        details = ptq.details([n.name for n in rewrite.layer_nodes], rows)
+        return PassResult(ir, tuple(changed), (*rewrite.skipped, *ptq.report_skips()), stats | ptq.stats,
+                          (*warnings, *ptq.report_warnings()), details=details)
 
 
 # -- the graph rewrite -----------------------------------------------------------------------------
@@ -425,22 +446,26 @@ def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassCont
     every = [fq for g in rw.groups.values() for fq in g]
     _set_enabled(every, False)
     sens: dict[str, float] = {}
+    outputs: dict[str, OutputSensitivity] = {}  # per head: decisions flipped first, then relative error
+    axes = decision_axes(float_model)
     for node in rw.layer_nodes:
         _set_enabled(rw.groups[node.name], True)
-        sens[node.name] = _relative_error(gm, float_model, batches)
+        outputs[node.name] = measure_outputs(gm, float_model, batches, axes)
+        sens[node.name] = outputs[node.name].relative_error
         _set_enabled(rw.groups[node.name], False)
     _set_enabled(every, True)
     cost = _float_cost(ir, rw, ctx)
-    order = sorted(rw.layer_nodes, key=lambda n: (-sens[n.name], cost.get(n.name, 0.0), n.name))
+    order = sorted(rw.layer_nodes, key=lambda n: (*outputs[n.name].sort_key(), cost.get(n.name, 0.0), n.name))
     within_budget = _budget_check(gm, float_model, batches, ctx, o)
     promoted: dict[str, str] = {}
     for node in order:
         if within_budget():
             break
         layer = next(m for n, m in zip(rw.layer_nodes, rw.layers) if n is node)
-        promoted[node.name] = _promote(layer, rw.groups[node.name], o, getattr(ctx.profile, "int8_weight_bits", 8))
-    return [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"))
-            for n in rw.layer_nodes]
+        promoted[node.name] = _promote(layer, rw.groups[node.name], o, getattr(ctx.profile, "int8_weight_bits", 8),
+                                       preferred_half_dtype(ctx.profile))
+    return [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"),
+                             outputs[n.name].decision_agreement) for n in rw.layer_nodes]
 
 
 def _budget_check(
@@ -455,29 +480,49 @@ def _budget_check(
     return lambda: _relative_error(gm, float_model, batches) <= o.max_output_error
 
 
-def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions, widest: int = 8) -> str:
+def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions, widest: int = 8,
+             half: str | None = None) -> str:
     """Give a sensitive layer the next higher precision the ladder has: ``widest``-bit weights (8, or the
-    target's `int8_weight_bits`) after 4/2-bit, else float."""
+    target's `int8_weight_bits`) after 4/2-bit, else ``half`` (bf16/fp16, where the target runs one), else fp32.
+
+    A half layer's weights are rounded to that dtype, so the budget check and every artefact see its
+    weight error; its activations are not rounded (2^-8 relative for bf16, far below int8's step), and
+    the int8 runtimes run it in fp32. E.g. on a100 an int8 layer that breaks the budget becomes bf16
+    (priced at the 312e12 FLOP/s bf16 peak), on x86-avx2 fp32 ("float").
+    """
     if o.bits < widest:
         higher = QScheme(bits=widest, signed=True, symmetric=True, axis=layer.weight_quant.scheme.axis)
         layer.weight_quant = FakeQuant(higher, layer.weight.shape[0])
         _calibrate_weight(layer, o.weight_observer)
         return f"{widest}-bit"
     _set_enabled(group, False)
+    if half is not None:
+        inner = layer.conv if isinstance(layer, QuantConv) else layer.linear
+        with torch.no_grad():
+            inner.weight.copy_(inner.weight.to(HALF_TORCH_DTYPES[half]).to(inner.weight.dtype))
+        layer.compute_dtype = half  # the cost model prices it at the target's half peak
+        return half
     layer.compute_dtype = "fp32"  # the cost model must see that it computes in float now
     return "float"
 
 
+def _float_word(profile: object | None) -> str:
+    """How a promoted layer computes on ``profile``: ``bf16``/``fp16`` where it runs one, else ``float``."""
+    return preferred_half_dtype(profile) or "float"
+
+
 def _float_cost(ir: IR, rw: _Rewrite, ctx: PassContext) -> dict[str, float]:
-    """Predicted extra seconds of running each layer in fp32 instead of int8 on the target."""
+    """Predicted extra seconds of running each layer in float (bf16/fp16 where the target runs it, else fp32)
+    instead of int8 on the target."""
     if ctx.profile is None or not all(has_facts(n) for n in rw.layer_nodes):
         return {}
     from effopt.optimizer.ir.cost_model import node_cost
 
+    wider = preferred_half_dtype(ctx.profile) or "fp32"
     out = {}
     for n in rw.layer_nodes:
         f = facts(n)
-        out[n.name] = node_cost(f, n.name, ctx.profile, "fp32").time_s - node_cost(f, n.name, ctx.profile, "int8").time_s
+        out[n.name] = node_cost(f, n.name, ctx.profile, wider).time_s - node_cost(f, n.name, ctx.profile, "int8").time_s
     return out
 
 

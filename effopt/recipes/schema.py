@@ -104,7 +104,9 @@ class OutputSpec(_Strict):
     """Where artefacts go and which ones."""
 
     dir: str = Field("out", description="output folder, relative to the recipe; `-o DIR` overrides")
-    formats: tuple[Literal["pt2", "onnx"], ...] = Field(("pt2", "onnx"), description="artefacts to emit")
+    formats: tuple[Literal["pt2", "onnx", "aoti"], ...] = Field(
+        ("pt2", "onnx"), description="artefacts to emit; aoti (an AOTInductor package, compiled for this CPU) is opt-in"
+    )
 
 
 class DataSourceSpec(_Strict):

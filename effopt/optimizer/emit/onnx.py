@@ -46,7 +46,7 @@ from effopt.errors import EmitError
 from effopt.optimizer.emit.quiet import first_line, quiet_third_party
 from effopt.optimizer.ir.trace import raise_if_interrupted
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "half_onnx_blocker"]
 
 # Export range for the shared batch symbol. The ONNX graph itself only records the name
 # "batch", so onnxruntime accepts any batch; the range only bounds what torch.export assumes.
@@ -485,3 +485,35 @@ def _write_atomic(data: bytes, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise EmitError(f"{path}: cannot write ONNX file: {e.strerror or e}; check the output directory") from e
     return path
+
+
+# --- half precision: does onnxruntime run it? ------------------------------------------------
+
+_ORT_TYPE = {"fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
+
+
+def half_onnx_blocker(dtype: str, op_types: Sequence[str]) -> str | None:
+    """Why a ``dtype`` (fp16/bf16) ONNX would not run in ``dtype`` on onnxruntime's CPU provider, or None.
+
+    The question is the kernel registry, not whether a session loads: for a float16 node
+    without a float16 kernel onnxruntime inserts Cast-to-float32 around it and runs it in
+    float32, so an fp16 file would run fp32 math plus casts. E.g. onnxruntime 1.32 on x86-64
+    registers Conv and Gemm for ``tensor(float)`` only, so ``half_onnx_blocker("fp16",
+    ["Conv", "Gemm"])`` names both and the ONNX artefact stays fp32.
+    """
+    try:
+        import onnxruntime as ort
+        from onnxruntime.capi import _pybind_state
+
+        kernels = _pybind_state.get_all_opkernel_def()
+    except Exception as e:  # a build without the registry query: assume no half kernels, and say why
+        raise_if_interrupted(e)
+        return f"onnxruntime's kernel registry could not be read ({type(e).__name__}), so no {dtype} kernel is assumed"
+    wanted = _ORT_TYPE[dtype]
+    have = {k.op_name for k in kernels if k.provider == "CPUExecutionProvider" and k.domain in ("", "ai.onnx")
+            and any(wanted in types for types in k.type_constraints.values())}
+    missing = sorted(set(op_types) - have)
+    if not missing:
+        return None
+    return (f"onnxruntime {ort.__version__}'s CPU execution provider has no {wanted} kernel for "
+            f"{', '.join(missing)} (it would cast to float32 around them)")

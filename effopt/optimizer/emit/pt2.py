@@ -71,7 +71,12 @@ def export_program(module: nn.Module, specs: Sequence[InputSpec], example_inputs
 
 
 def save_pt2(program: torch.export.ExportedProgram, path: Path) -> Path:
-    torch.export.save(program, str(path))
+    """Save ``program``; quietly, since torch warns "No complete tensor found" for channels-last weights
+    (a bf16 model for a CPU target), which it stores and reloads with their strides all the same."""
+    from effopt.optimizer.emit.quiet import quiet_third_party
+
+    with quiet_third_party():
+        torch.export.save(program, str(path))
     return path
 
 

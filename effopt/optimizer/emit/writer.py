@@ -53,7 +53,7 @@ MARKER_COMMENT = (
 #: What effopt compile writes into an output folder (besides the marker); an earlier effopt wrote no marker,
 #: so a folder holding only these names and effopt's own report.json counts as effopt's.
 ARTEFACT_NAMES = ("model.pt2", "model_int8.pt", "model.onnx", "model_float.onnx", "model.h", "report.json", "report.md",
-                  "measurements.json")
+                  "measurements.json", "model_aoti.pt2")
 FORCE_HINT = "pass --force (force=True in Python) to write effopt's files into it without removing anything"
 
 

@@ -287,7 +287,7 @@ def _facts_for(kind: str, label: str, c: _Call, storage: _Storage) -> NodeFacts:
     params = sum(w.numel() for w in c.weights if isinstance(w, nn.Parameter))
     inputs = tuple(_spec(t, s) for t, s in zip(c.activations, storage.inputs))
     outputs = tuple(_spec(t, storage.output) for t in c.outputs)
-    if kind in _VIEWS:
+    if kind in _VIEWS and not _converts(kind, c):
         read = written = 0
     else:
         read = sum(i.nbytes for i in inputs) + _weight_bytes(c)
@@ -307,6 +307,18 @@ def _facts_for(kind: str, label: str, c: _Call, storage: _Storage) -> NodeFacts:
         counted=flops is not None,
         compute_dtype=_compute_dtype(c, storage),
     )
+
+
+def _converts(kind: str, c: _Call) -> bool:
+    """A cast that changes dtype or layout (``x.to(torch.bfloat16)``) copies its input: it moves bytes, unlike a view.
+
+    E.g. a [1, 64] fp32 → bf16 cast reads 256 bytes and writes 128; ``x.to(torch.float32)`` of an
+    fp32 tensor returns ``x`` itself and stays a view.
+    """
+    if kind not in ("to", "type_as") or not c.activations or not c.outputs:
+        return False
+    x, y = c.activations[0], c.outputs[0]
+    return x.dtype != y.dtype or (x.shape == y.shape and x.stride() != y.stride())
 
 
 def _weight_bytes(c: _Call) -> int:

@@ -1,6 +1,7 @@
 """`effopt bench`: time the original model and every emitted artefact side by side, next to predictions.
 
-The original (eager PyTorch), ``model.pt2`` and ``model.onnx`` run interleaved,
+The original (eager PyTorch), ``model.pt2``, ``model_int8.pt``, ``model.onnx`` and
+``model_aoti.pt2`` (AOTInductor, when compiled) run interleaved,
 round-robin, after warm-up, with a fixed thread count (see `effopt.optimizer.measure.bench`),
 at batch 1 and a larger batch. Each row stands next to the roofline prediction
 for the ``host`` profile (measured on the spot unless a profile file is given),
@@ -18,12 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
 import torch
 
 from effopt.errors import RecipeError
 from effopt.hardware_profiles import HardwareProfile, load_profile
 from effopt.hardware_profiles.host import measure_host
-from effopt.optimizer.ir.analysis import annotate
+from effopt.optimizer.emit.aoti import AOTI_FILE, load_aoti
+from effopt.optimizer.ir.analysis import annotate, layer_rows
 from effopt.optimizer.measure.bench import LatencyStats, bench_runtimes, bench_table, eager_runner, onnxruntime_runner, pt2_runner, spearman
 from effopt.optimizer.ir.cost_model import estimate
 from effopt.optimizer.ir.core import IR, InputSpec
@@ -94,6 +97,11 @@ def run_bench(
         runners["model.pt2"] = pt2_runner(pt2)
         optimized_ir = _ir_of(torch.export.load(str(pt2)).module(), specs, make_inputs)
         irs["model.pt2"] = irs["model.onnx (onnxruntime)"] = optimized_ir
+    aoti = folder / AOTI_FILE
+    if aoti.is_file():
+        runners["model_aoti.pt2 (AOTInductor)"] = load_aoti(aoti)
+        if "model.pt2" in irs:
+            irs["model_aoti.pt2 (AOTInductor)"] = irs["model.pt2"]
     int8_path = folder / "model_int8.pt"
     if int8_path.is_file():
         runners["model_int8.pt (torch int8)"] = eager_runner(torch.jit.load(str(int8_path)))
@@ -105,13 +113,28 @@ def run_bench(
         raise RecipeError(f"{folder}: no model.pt2 or model.onnx to benchmark; run effopt compile first")
     profile = profile or measure_host(threads=threads)
     stats = bench_runtimes(runners, make_inputs, batches=tuple(batches), warmup=warmup, runs=runs, threads=threads)
+    dtypes = {"model.onnx (onnxruntime)": _fp32_onnx_dtypes(onnx_path, irs.get("model.pt2"))}
     predicted = {
-        (name, b): estimate(ir, profile, batch=b).total_s for name, ir in irs.items() for b in batches
+        (name, b): estimate(ir, profile, dtypes=dtypes.get(name), batch=b).total_s for name, ir in irs.items() for b in batches
     }
     pairs = [(predicted[(s.runtime, s.batch)], s.p50_s) for s in stats
              if (s.runtime, s.batch) in predicted and not math.isnan(s.p50_s)]
     rho = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) >= 3 else None
     return BenchResult(next(iter(runners)), profile.name, threads, tuple(stats), predicted, rho)
+
+
+def _fp32_onnx_dtypes(onnx_path: Path, ir: IR | None) -> dict[str, str] | None:
+    """fp32 for every half node when ``model.onnx`` holds no half weights (a bf16 model's ONNX stays fp32
+    where onnxruntime has no bf16 kernels), so its prediction prices fp32; None otherwise."""
+    if ir is None or not onnx_path.is_file():
+        return None
+    half = [n.name for n, f in layer_rows(ir) if f.compute_dtype in ("bf16", "fp16")]
+    if not half:
+        return None
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if any(i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for i in model.graph.initializer):
+        return None
+    return dict.fromkeys(half, "fp32")
 
 
 def append_to_report(folder: Path, result: BenchResult) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,7 @@ from effopt.hardware_profiles import HardwareProfile
 from effopt.hardware_profiles.host import host_arch
 from effopt.optimizer.ir.core import IR, InputSpec
 from effopt.optimizer.ir.cost_model import estimate
+from effopt.optimizer.emit.aoti import AOTI_FILE, load_aoti
 from effopt.optimizer.measure.bench import bench_runtimes, eager_runner, onnxruntime_runner, pt2_runner, time_callable
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "Timing",
     "candidates_in",
     "choose_deploy",
+    "compile_times_json",
     "deploy_batches",
     "make_timer",
 ]
@@ -78,6 +80,7 @@ RUNTIMES: dict[str, str] = {
     "model_int8.pt": "torch.jit",
     "model.pt2": "torch.export",
     "model_float.onnx": "onnxruntime",
+    "model_aoti.pt2": "AOTInductor",
 }
 #: Most expected first: what the recipe asked for (int8 when quantized), the portable runtime before torch.
 EXPECTED_ORDER: tuple[str, ...] = tuple(RUNTIMES)
@@ -98,13 +101,14 @@ class Candidate:
     quantized: bool
     ir: IR | None = field(default=None, compare=False, repr=False)
     path: Path | None = field(default=None, compare=False, repr=False)
+    dtypes: Mapping[str, str] | None = field(default=None, compare=False, repr=False)  # where it differs from ``ir``
 
     @property
     def runtime(self) -> str:
         return RUNTIMES[self.file]
 
     def predicted_s(self, profile: HardwareProfile, batch: int | None = None) -> float | None:
-        return None if self.ir is None else estimate(self.ir, profile, batch=batch).total_s
+        return None if self.ir is None else estimate(self.ir, profile, dtypes=self.dtypes, batch=batch).total_s
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,7 @@ class Measurements:
     timings: tuple[Timing, ...]
     predicted_s: dict[tuple[str, int], float | None]
     speedups: dict[str, float | None]
+    compile_s: dict[str, float] = field(default_factory=dict)  # e.g. {"model_aoti.pt2": 44.3}
 
     def to_json(self) -> str:
         data = {
@@ -191,8 +196,20 @@ class Measurements:
                  "note": t.note}
                 for t in self.timings
             ],
-        }
+        } | ({"compile_s": self.compile_s} if self.compile_s else {})
         return json.dumps(data, indent=2) + "\n"
+
+
+def compile_times_json(compile_s: Mapping[str, float]) -> str:
+    """``measurements.json`` when only compile times were measured (the deploy choice was predicted)."""
+    data = {
+        "measurements_version": MEASUREMENTS_VERSION,
+        "what": "seconds each compiled artefact took to build on this host (the deploy choice was not measured)",
+        "host": {"machine": platform.machine(), "processor": platform.processor() or None},
+        "torch_version": torch.__version__,
+        "compile_s": dict(compile_s),
+    }
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _finite(x: float | None) -> float | None:
@@ -202,14 +219,18 @@ def _finite(x: float | None) -> float | None:
 # -- candidates and batches ------------------------------------------------------------------------
 
 
-def candidates_in(folder: Path, ir: IR, float_ir: IR | None, quantized: bool) -> tuple[Candidate, ...]:
+def candidates_in(folder: Path, ir: IR, float_ir: IR | None, quantized: bool,
+                  onnx_dtypes: Mapping[str, str] | None = None) -> tuple[Candidate, ...]:
     """The deployable artefacts present in ``folder``, in `EXPECTED_ORDER`.
 
-    ``ir`` is the optimized model (what ``model.onnx``/``model_int8.pt``/``model.h`` hold),
-    ``float_ir`` the model before quantize (``model_float.onnx``). A quantized ``model.pt2``
-    is a reference (its quantize/dequantize ops run in float, 30x slower than the int8 ONNX
-    on the digits model, and timing it next to the others chills their caches), so it is a
-    candidate only when nothing else was written; the cost model does not price it.
+    ``ir`` is the optimized model (what ``model.onnx``/``model_int8.pt``/``model.h``/
+    ``model_aoti.pt2`` hold), ``float_ir`` the model before quantize (``model_float.onnx``).
+    ``onnx_dtypes`` prices ``model.onnx`` where it computes in other dtypes than ``ir``: a
+    bf16 model's ONNX stays fp32 where onnxruntime has no bf16 kernels. A quantized
+    ``model.pt2`` is a reference (its quantize/dequantize ops run in float, 30x slower than
+    the int8 ONNX on the digits model, and timing it next to the others chills their
+    caches), so it is a candidate only when nothing else was written; the cost model does
+    not price it, nor a quantized ``model_aoti.pt2`` (Inductor compiles those reference ops).
     """
     out = []
     for name in EXPECTED_ORDER:
@@ -218,6 +239,10 @@ def candidates_in(folder: Path, ir: IR, float_ir: IR | None, quantized: bool) ->
             continue
         if name == "model_float.onnx":
             out.append(Candidate(name, False, float_ir, path))
+        elif name == "model_aoti.pt2":
+            out.append(Candidate(name, quantized, None if quantized else ir, path))
+        elif name == "model.onnx" and onnx_dtypes:
+            out.append(Candidate(name, quantized, ir, path, onnx_dtypes))
         else:
             out.append(Candidate(name, quantized or name in ("model.h", "model_int8.pt"), ir, path))
     if not out and quantized and (folder / "model.pt2").is_file():
@@ -400,6 +425,8 @@ def _runner(c: Candidate, threads: int) -> Callable[..., object]:
         raise ValueError(f"{c.file}: no path to load it from")
     if c.file.endswith(".onnx"):
         return onnxruntime_runner(c.path, threads)
+    if c.file == AOTI_FILE:
+        return load_aoti(c.path)
     if c.file.endswith(".pt2"):
         return pt2_runner(c.path)
     if c.file.endswith(".pt"):

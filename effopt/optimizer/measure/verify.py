@@ -145,6 +145,28 @@ def verify(
     return Verification(rtol, atol, tuple(checks))
 
 
+HALF_ULPS = 8
+"""Half-precision ulps of headroom when two runtimes run the same bf16/fp16 graph (see `dtype_tolerance`)."""
+
+_HALF_EPS = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}  # machine epsilon: 8 and 11 bits of significand
+
+
+def dtype_tolerance(dtype: str | None, rtol: float, atol: float) -> tuple[float, float]:
+    """The (rtol, atol) to compare two runtimes of one model computing in ``dtype`` with.
+
+    Two runtimes (eager PyTorch, AOTInductor, onnxruntime) running the same half-precision
+    graph round differently: Inductor keeps a fused chain in fp32 and rounds once, eager
+    rounds after every op, so they differ by a few half ulps per layer. The recipe's
+    tolerances (1e-4 by default) are fp32 numbers; for a half model both are raised to
+    `HALF_ULPS` machine epsilons: bf16 8 x 2^-8 = 0.031, fp16 8 x 2^-11 = 0.0039. fp32 (None)
+    keeps the recipe's, e.g. ``dtype_tolerance(None, 1e-4, 1e-5) == (1e-4, 1e-5)``.
+    """
+    eps = _HALF_EPS.get(dtype or "")
+    if eps is None:
+        return rtol, atol
+    return max(rtol, HALF_ULPS * eps), max(atol, HALF_ULPS * eps)
+
+
 QUANTIZED_FIDELITY_SLACK = 1.25
 """How much further from the original a quantized artefact may be than torch's fake-quant model.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from effopt.optimizer.measure.deploy import DeployChoice
@@ -70,6 +71,20 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class LayerPrecision:
+    """The dtype one compute node runs in, for a model with more than one float precision.
+
+    E.g. ``LayerPrecision("fc", "Linear", "bf16")`` and ``LayerPrecision("softmax", "F.softmax", "fp32")``
+    after ``half_precision``; only models with a bf16/fp16 node carry the list, so the report of an
+    fp32 or int8 model keeps its bytes.
+    """
+
+    node: str
+    op: str
+    dtype: str
+
+
+@dataclass(frozen=True)
 class PlanLine:
     name: str
     chosen: bool
@@ -96,6 +111,7 @@ class Report:
     artefacts: tuple[ArtefactInfo, ...] = ()
     warnings: tuple[str, ...] = ()
     deploy: DeployChoice | None = None  # which artefact to ship on the target, and why (set with the artefacts)
+    precision: tuple[LayerPrecision, ...] = ()  # per-layer dtype, only when a layer computes in bf16/fp16
 
     @property
     def lossy(self) -> bool:
@@ -142,7 +158,7 @@ class Report:
                     "warnings": list(r.result.warnings),
                     "delta": asdict(r.result.delta) if r.result.delta else None,
                     "max_abs_err_vs_original": self.pass_errors[i] if i < len(self.pass_errors) else None,
-                }
+                } | ({"details": [dict(row) for row in r.result.details]} if r.result.details else {})
                 for i, r in enumerate(self.passes)
             ],
             "verification": {
@@ -163,7 +179,7 @@ class Report:
             "artefacts": [asdict(a) for a in self.artefacts],
             "deploy": self.deploy.to_dict() if self.deploy is not None else None,
             "warnings": list(self.warnings),
-        }
+        } | ({"precision": [asdict(p) for p in self.precision]} if self.precision else {})
 
     def to_markdown(self) -> str:
         b, a = self.before, self.after
@@ -204,6 +220,8 @@ class Report:
                 f"| {r.name} | {len(r.result.changed)} | {len(r.result.skipped)} | {d.params if d else 0:+,} | "
                 f"{d.flops if d else 0:+,} | {d.nodes if d else 0:+,} | {err} |"
             )
+        for r in self.passes:
+            lines += _details_lines(r.name, r.result.details)
         skips = [(r.name, s) for r in self.passes for s in r.result.skipped]
         if skips:
             lines += ["", "Skipped sites:", ""] + [f"- `{name}` left `{s.node}`: {s.reason}" for name, s in skips]
@@ -236,6 +254,7 @@ class Report:
                 lines.append(f"| {art.file} | {art.size_bytes:,} | {art.check} | {err} | {'yes' if art.passed else 'NO'} |")
             lines += [f"- `{art.file}`: {art.note}" for art in self.artefacts if art.note]
         lines += _deploy_lines(self.deploy)
+        lines += _precision_lines(self.precision)
         pass_warnings = [(r.name, w) for r in self.passes for w in r.result.warnings]
         if pass_warnings:
             lines += ["", "## Pass notes", ""] + [f"- `{name}`: {w}" for name, w in pass_warnings]
@@ -284,6 +303,19 @@ def _deploy_lines(d: DeployChoice | None) -> list[str]:
     return lines
 
 
+def _precision_lines(rows: tuple[LayerPrecision, ...]) -> list[str]:
+    """Per-layer dtype, with a count per dtype first: ``bf16 14, fp32 3``."""
+    if not rows:
+        return []
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.dtype] = counts.get(r.dtype, 0) + 1
+    summary = ", ".join(f"{d} {n}" for d, n in sorted(counts.items()))
+    lines = ["", "## Precision per layer", "", f"Compute nodes by dtype: {summary}.", "", "| node | op | dtype |",
+             "|---|---|---|"]
+    return lines + [f"| {r.node} | {r.op} | {r.dtype} |" for r in rows]
+
+
 def _evaluation_lines(stages: tuple[StageEvaluation, ...]) -> list[str]:
     if not stages:
         return []
@@ -324,3 +356,18 @@ def _round(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_round(v) for v in x]
     return x
+
+
+def _details_lines(name: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A pass's per-site table (``PassResult.details``): one column per key of the first row."""
+    if not rows:
+        return []
+    keys = list(rows[0])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "–" if v is None else str(v)
+
+    out = ["", f"`{name}` per site:", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return out + ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]

@@ -79,6 +79,6 @@ def passes_table() -> str:
         if not fields:
             out.append("  options: none")
         for name, f in fields.items():
-            default = "required" if f.is_required() else f"default {f.default!r}"
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
             out.append(f"  {name} ({default}): {f.description or ''}")
     return "\n".join(out)
