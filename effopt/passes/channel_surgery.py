@@ -7,20 +7,15 @@ literals in the graph (``x.view(-1, 400)``, ``x[:, :16]``, ``split(x, [8, 8], 1)
 the new sizes. Modules are replaced by edited copies (never edited in place: a traced graph shares
 its modules with the user's model).
 
-Before a class is cut, its average contribution can be kept (``compensate``): every consumer adds
-``Σ_t W[:, p_t] · mean(x[p_t])`` to its bias — the seed lecture's σ(b)·W fold, exact when the removed
-channel is constant (its weights pruned, output σ(b)) and the consumer is a Linear or an unpadded
-conv, and the least-squares best constant otherwise.
-
-Worked example: a Linear(4 → 3) reading channel 2 whose value is always 0.5 loses column 2 and
-gains ``0.5 · W[:, 2]`` in its bias; its output is unchanged.
+Worked example: a Linear(4 → 3) reading a removed channel 2 loses column 2 of its weight
+(``weight[:, [0, 1, 3]]``) and sets ``in_features = 3``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,18 +23,17 @@ import torch.fx as fx
 from torch import nn
 
 from effopt.optimizer.ir.analysis import canonical_op
-from effopt.optimizer.ir.channels import NONE, ChannelAnalysis, Member
+from effopt.optimizer.ir.channels import ChannelAnalysis, Member
 from effopt.optimizer.ir.core import IR
 
 _SHAPE_METHODS = {"view", "reshape", "expand", "repeat"}
 
 
-def cut(ir: IR, analysis: ChannelAnalysis, removed: Iterable[int],
-        input_means: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+def cut(ir: IR, analysis: ChannelAnalysis, removed: Iterable[int]) -> list[str]:
     """Remove ``removed`` classes from ``ir`` in place; returns the nodes whose modules changed.
 
-    ``input_means`` (consumer node name → mean of its input along its input dim) turns on bias
-    compensation for the removed positions of each consumer.
+    Compensation, if any, happens before the cut (`effopt.passes.prune_channels` folds it into the
+    consumers' biases while the removed channels still exist).
     """
     gone = frozenset(int(c) for c in removed)
     if not gone:
@@ -56,10 +50,7 @@ def cut(ir: IR, analysis: ChannelAnalysis, removed: Iterable[int],
         if "out" in roles:
             _cut_out(mod, roles["out"].kept(gone))
         if "in" in roles:
-            member = roles["in"]
-            if input_means is not None and name in input_means:
-                _compensate(mod, member, gone, input_means[name])
-            _cut_in(mod, member.kept(gone), len(member.classes))
+            _cut_in(mod, roles["in"].kept(gone), len(roles["in"].classes))
         if "param" in roles:
             if roles["param"].depthwise:
                 _cut_depthwise(mod, roles["param"].kept(gone))
@@ -143,22 +134,6 @@ def _cut_per_channel(mod: nn.Module, kept: list[int]) -> None:
         mod.num_channels = len(kept)
     elif isinstance(mod, nn.PReLU):
         mod.num_parameters = len(kept)
-
-
-def _compensate(mod: nn.Module, member: Member, gone: frozenset[int], mean: torch.Tensor) -> None:
-    """Fold the removed inputs' mean contribution into the bias (adding a bias if the layer has none)."""
-    positions = [i for i, c in enumerate(member.classes) if c != NONE and c in gone]
-    if not positions:
-        return
-    w = mod.weight.detach().double()
-    if not isinstance(mod, nn.Linear) and mod.groups > 1:
-        return  # grouped conv: each output reads only its group's inputs; not worth the bookkeeping
-    idx = torch.tensor(positions, dtype=torch.long)
-    cols = w.index_select(1, idx)  # [out, k, *kernel]
-    contribution = cols.sum(dim=tuple(range(2, cols.dim()))) if cols.dim() > 2 else cols
-    delta = contribution @ mean.double().reshape(-1)[idx]
-    bias = mod.bias.detach().double() if mod.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    mod.bias = nn.Parameter((bias + delta).to(mod.weight.dtype))
 
 
 # -- shape literals in the graph ----------------------------------------------------------------

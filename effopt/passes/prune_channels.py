@@ -140,7 +140,7 @@ class PruneChannels(Pass):
         annotate(ir)
         teacher = copy.deepcopy(ir.gm).eval()
         first = analyze_channels(ir)
-        self.original_size = {g.root: g.channels for g in first.groups}
+        original_size = {g.root: g.channels for g in first.groups}
         round_to = o.round_to or (getattr(ctx.profile, "channel_multiple", 1) if ctx.profile is not None else 1)
         before = totals(ir)
         latency0 = _latency_ms(ir, ctx)
@@ -156,7 +156,7 @@ class PruneChannels(Pass):
             analysis = first if step == 1 else analyze_channels(ir)
             protected = _protected(ir, analysis, o.protect)
             scores = _scores(ir, analysis, o.importance, batches)
-            plan, note = self._choose(ir, analysis, scores, protected, round_to, ctx, step, base)
+            plan, note = self._choose(ir, analysis, scores, protected, round_to, ctx, step, base, original_size)
             if o.importance == "similarity":
                 plan = _by_similarity(ir, analysis, plan)
             if note:
@@ -185,7 +185,8 @@ class PruneChannels(Pass):
     # -- how many, and which --
 
     def _choose(self, ir: IR, analysis: ChannelAnalysis, scores: dict[int, torch.Tensor], protected: dict[int, str],
-                round_to: int, ctx: PassContext, step: int, base: float | None) -> tuple[_Plan, str | None]:
+                round_to: int, ctx: PassContext, step: int, base: float | None,
+                original_size: Mapping[str, int]) -> tuple[_Plan, str | None]:
         """What round ``step`` of ``iterative`` removes: after the last round, the ratio or target is met."""
         o: PruneChannelsOptions = self.options  # type: ignore[assignment]
         groups = [g for g in analysis.groups if g.prunable and g.index not in protected]
@@ -193,7 +194,7 @@ class PruneChannels(Pass):
             ratios = {}
             for g in groups:
                 r = _layer_ratio(ir, g, o.per_layer, o.amount)
-                size = self.original_size.get(g.root, g.channels)
+                size = original_size.get(g.root, g.channels)
                 # round `step` keeps size·(1−r)^(step/n): after the last round, exactly the one-shot count
                 keep = size - math.floor(r * size + 1e-9) if step == o.iterative else round(size * (1 - r) ** (step / o.iterative))
                 ratios[g.index] = max(0.0, (g.channels - keep) / g.channels)
@@ -408,7 +409,6 @@ def _scores(ir: IR, analysis: ChannelAnalysis, criterion: Criterion,
         taylor = imp.taylor_scores(ir.gm, dims, batches, imp.pseudo_label_loss)
     out: dict[int, torch.Tensor] = {}
     for g in analysis.groups:
-        pos = {c: i for i, c in enumerate(g.classes)}
         total = torch.zeros(g.channels, dtype=torch.float64)
         for m in g.members:
             per: torch.Tensor | None
@@ -422,10 +422,7 @@ def _scores(ir: IR, analysis: ChannelAnalysis, criterion: Criterion,
                 per = taylor.get(m.node) if m.role == "out" else None
             if per is None:
                 continue
-            s = torch.zeros(g.channels, dtype=torch.float64)
-            for c, idx in _positions(m).items():
-                if c in pos:
-                    s[pos[c]] += float(per[idx].sum())
+            s = _by_class(g, m, per)
             total += imp.normalize(s) if float(s.sum()) > 0 else s
         if criterion == "similarity":
             total = _uniqueness(ir, g)
@@ -435,15 +432,23 @@ def _scores(ir: IR, analysis: ChannelAnalysis, criterion: Criterion,
     return out
 
 
-def _scores_l2(ir: IR, g: ChannelGroup) -> torch.Tensor:
+def _by_class(g: ChannelGroup, m: Member, per: torch.Tensor) -> torch.Tensor:
+    """A member's per-index values summed per class of ``g``, in the group's class order."""
     pos = {c: i for i, c in enumerate(g.classes)}
+    s = torch.zeros(g.channels, dtype=torch.float64)
+    for c, idx in _positions(m).items():
+        if c in pos:
+            s[pos[c]] += float(per[idx].sum())
+    return s
+
+
+def _scores_l2(ir: IR, g: ChannelGroup) -> torch.Tensor:
+    """Unnormalised Σ w² per class: bn_scale's fallback for a group without BatchNorm."""
     s = torch.zeros(g.channels, dtype=torch.float64)
     for m in g.members:
         per = _member_power(ir, m, 2)
         if per is not None:
-            for c, idx in _positions(m).items():
-                if c in pos:
-                    s[pos[c]] += float(per[idx].sum())
+            s += _by_class(g, m, per)
     return s
 
 
@@ -520,7 +525,7 @@ def _absorb(ir: IR, merges: Sequence[imp.Merge], consumers: Sequence[Member]) ->
     """Each consumer adds scale × a merged-away channel's columns to its partner's (exact for duplicates)."""
     for m in consumers:
         mod = ir.gm.get_submodule(m.module)
-        if not isinstance(mod, nn.Linear) and getattr(mod, "groups", 1) > 1:
+        if _conv_groups(mod) > 1:
             continue  # grouped / depthwise consumers read one group's channels each: no cross-channel merge
         positions = _positions(m)
         ordered = sorted(positions)
@@ -535,8 +540,8 @@ def _absorb(ir: IR, merges: Sequence[imp.Merge], consumers: Sequence[Member]) ->
 
 def _fold_mean(ir: IR, m: Member, gone: frozenset[int], mean: torch.Tensor) -> None:
     mod = ir.gm.get_submodule(m.module)
-    if not isinstance(mod, nn.Linear) and getattr(mod, "groups", 1) > 1:
-        return
+    if _conv_groups(mod) > 1:
+        return  # a grouped conv's outputs read only their group's inputs: no single bias column sum
     positions = [i for i, c in enumerate(m.classes) if c != NONE and c in gone]
     values = {i: float(mean[i]) for i in positions}
     delta = imp.constant_contribution(mod.weight.detach(), [[i] for i in positions],
@@ -546,12 +551,17 @@ def _fold_mean(ir: IR, m: Member, gone: frozenset[int], mean: torch.Tensor) -> N
     mod.bias.data.add_(delta.to(mod.bias.dtype))
 
 
+def _conv_groups(mod: nn.Module) -> int:
+    """A consumer's conv groups (1 for a Linear or a plain conv)."""
+    return 1 if isinstance(mod, nn.Linear) else int(getattr(mod, "groups", 1))
+
+
 def _zero_columns(ir: IR, m: Member, gone: frozenset[int]) -> None:
     mod = ir.gm.get_submodule(m.module)
     positions = [i for i, c in enumerate(m.classes) if c != NONE and c in gone]
     if not positions:
         return
-    groups = getattr(mod, "groups", 1) if not isinstance(mod, nn.Linear) else 1
+    groups = _conv_groups(mod)
     if groups == 1:
         mod.weight.data[:, positions] = 0
         return
