@@ -24,8 +24,6 @@ from effopt.passes.ptq_steps import AdaRoundOptions
 from examples.digits import DigitsNet
 from tests.passes.helpers import build_ir, host_kernel_context, recipe_passes
 
-ROOT = Path(__file__).resolve().parents[2]
-CHECKPOINT = ROOT / "recipes" / "checkpoints" / "digits.pt"
 ALL_ON = {"name": "quantize", "equalize": True, "bias_correction": True, "adaround": {"iterations": 100},
           "calibration_batches": 4}
 
@@ -40,9 +38,9 @@ def test_options_come_from_the_recipe_with_their_defaults() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits_all_on() -> dict:
+def digits_all_on(digits_checkpoint: Path) -> dict:
     model = DigitsNet()
-    model.load_state_dict(torch.load(CHECKPOINT, weights_only=True))
+    model.load_state_dict(torch.load(digits_checkpoint, weights_only=True))
     model.eval()
     train = DataSource("sklearn-digits:train", sklearn_digits("train"), 64, True)
     ctx = PassContext(profile=host_kernel_context().profile, calibration=train)
