@@ -41,15 +41,13 @@ time from the compile's ``measurements.json``, cold: each run uses a fresh Induc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,21 +60,17 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import effopt  # noqa: E402
-from benchmarks.quantization import Case, _logits, cifar_case, digits_case, quiet  # noqa: E402
+from benchmarks import quantization  # noqa: E402
+from benchmarks._common import BATCHES, INPUT_NAME, QUICK_NOTE, Runner, Timings, ms, p50, progress  # noqa: E402
+from benchmarks._common import quality_cell, quality_head, quiet, ratio, resolve_run_args, score  # noqa: E402
+from benchmarks._common import print_report, spread_summary, time_interleaved, timing_line, work_folder  # noqa: E402
+from benchmarks.quantization import QUICK_WIDTH, Case  # noqa: E402
 from effopt.hardware_profiles.host import cpu_name  # noqa: E402
 from effopt.optimizer.emit.aoti import AOTI_FILE, cpp_compiler_problem, load_aoti  # noqa: E402
 from effopt.optimizer.emit.onnx import export_onnx  # noqa: E402
-from effopt.optimizer.ir.compare import compare_tensors  # noqa: E402
-from effopt.optimizer.measure.bench import LatencyStats, bench_runtimes, eager_runner, onnxruntime_runner, pt2_runner  # noqa: E402
+from effopt.optimizer.measure.bench import LatencyStats, eager_runner, onnxruntime_runner, pt2_runner  # noqa: E402
 
-Runner = Callable[..., object]
-BATCHES = (1, 32)
-INPUT_NAME = "x"
 HALF_FLAGS = ("avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def cpu_half_flags() -> str:
@@ -134,7 +128,8 @@ def _compile(case: Case, work: Path, label: str, target: str, passes: list, form
             result = effopt.compile(recipe, output_dir=out, force=True)
     except effopt.EffoptError as e:
         return None, f"effopt.compile failed: {type(e).__name__}: {str(e)[:300]}", None
-    _progress(f"  {label}: compiled in {time.perf_counter() - started:.0f} s ({'passed' if result.passed else 'FAILED'})")
+    verdict = "passed" if result.passed else "FAILED"
+    progress(f"  {label}: compiled in {time.perf_counter() - started:.0f} s ({verdict})")
     return out, None if result.passed else "effopt report: failed: " + "; ".join(result.report.failures()), result
 
 
@@ -191,49 +186,17 @@ def _forced_fp16_onnx(case: Case, model: torch.nn.Module, path: Path, threads: i
                    "not an effopt artefact here: onnxruntime casts to fp32 around Conv/Gemm (no fp16 kernels on this CPU)")
 
 
-def score(case: Case, variants: list[Variant]) -> None:
-    """Accuracy (digits) or top-1 agreement with fp32 eager, and mean logit cosine."""
-    reference = _logits(variants[0].runner, case.eval_inputs)  # type: ignore[arg-type]
-    for v in variants:
-        if v.runner is None:
-            continue
-        logits = reference if v is variants[0] else _logits(v.runner, case.eval_inputs)
-        v.quality["agreement"] = compare_tensors(logits, reference).top1_agreement or 0.0
-        cosine = torch.nn.functional.cosine_similarity(logits.double(), reference.double(), dim=1)
-        v.quality["cosine"] = float(cosine.mean())
-        if case.eval_labels is not None:
-            v.quality["accuracy"] = float((logits.argmax(1) == case.eval_labels).double().mean())
+# -- the table --------------------------------------------------------------------------------------
 
 
-# -- timing and the table ---------------------------------------------------------------------------
+def table(case: Case, variants: list[Variant], stats: Timings) -> str:
+    def rel(base: str, name: str, batch: int) -> str:
+        return ratio(p50(stats, base, batch), p50(stats, name, batch))
 
-
-def time_variants(case: Case, variants: list[Variant], warmup: int, runs: int,
-                  threads: int) -> dict[tuple[str, int], LatencyStats]:
-    runners = {v.name: v.runner for v in variants if v.runner is not None}
-    stats = bench_runtimes(runners, lambda b: (case.example(b),), batches=BATCHES, warmup=warmup, runs=runs,
-                           threads=threads, measure_memory=False)
-    return {(s.runtime, s.batch): s for s in stats}
-
-
-def _ratio(num: float, den: float) -> str:
-    return "—" if math.isnan(num) or math.isnan(den) or den <= 0 else f"{num / den:.2f}×"
-
-
-def _ms(s: LatencyStats | None) -> str:
-    return "—" if s is None or math.isnan(s.p50_s) else f"{s.p50_s * 1e3:.3f}"
-
-
-def table(case: Case, variants: list[Variant], stats: dict[tuple[str, int], LatencyStats]) -> str:
-    def p50(name: str, batch: int) -> float:
-        s = stats.get((name, batch))
-        return math.nan if s is None else s.p50_s
-
-    quality_head = "accuracy (Δ pt)" if case.eval_labels is not None else "top-1 agree"
     base_acc = variants[0].quality.get("accuracy")
     lines = [f"### {case.name}: {case.description}", "",
              f"| variant | runtime | compile s | b1 p50 ms | b1 × fp32 | b32 p50 ms | b32 × fp32 | b32 × fp32 ONNX | "
-             f"{quality_head} | cos vs fp32 |",
+             f"{quality_head(case.eval_labels is not None)} | cos vs fp32 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for v in variants:
@@ -241,40 +204,30 @@ def table(case: Case, variants: list[Variant], stats: dict[tuple[str, int], Late
             lines.append(f"| {v.name} | — | — | — | — | — | — | — | — | — |")
             notes.append(f"- {v.name}: {v.note}")
             continue
-        if "accuracy" in v.quality and base_acc is not None:
-            q = f"{100 * v.quality['accuracy']:.1f}% ({100 * (v.quality['accuracy'] - base_acc):+.1f})"
-        else:
-            q = f"{100 * v.quality['agreement']:.1f}%"
         compile_s = "—" if v.compile_s is None else f"{v.compile_s:.0f}"
         lines.append(
-            f"| {v.name} | {v.runtime} | {compile_s} | {_ms(stats.get((v.name, 1)))} | {_ratio(p50('fp32', 1), p50(v.name, 1))} | "
-            f"{_ms(stats.get((v.name, 32)))} | {_ratio(p50('fp32', 32), p50(v.name, 32))} | "
-            f"{_ratio(p50('fp32 model.onnx', 32), p50(v.name, 32))} | {q} | {v.quality['cosine']:.5f} |")
+            f"| {v.name} | {v.runtime} | {compile_s} | {ms(stats.get((v.name, 1)))} | {rel('fp32', v.name, 1)} | "
+            f"{ms(stats.get((v.name, 32)))} | {rel('fp32', v.name, 32)} | {rel('fp32 model.onnx', v.name, 32)} | "
+            f"{quality_cell(v.quality, base_acc)} | {v.quality['cosine']:.5f} |")
         if v.note:
             notes.append(f"- {v.name}: {v.note}")
-    timed = [v for v in variants if v.runner is not None and not math.isnan(p50(v.name, 32))]
+    timed = [v for v in variants if v.runner is not None and not math.isnan(p50(stats, v.name, 32))]
     if timed:
-        best = min(timed, key=lambda v: p50(v.name, 32))
-        bf16 = p50("bf16 model.pt2", 32)
-        lines += ["", f"Fastest at batch 32: {best.name} ({_ratio(p50('fp32', 32), p50(best.name, 32))} fp32 eager); "
-                      f"bf16 model.pt2 vs fp32 eager at batch 32: {_ratio(p50('fp32', 32), bf16)}."]
+        best = min(timed, key=lambda v: p50(stats, v.name, 32))
+        lines += ["", f"Fastest at batch 32: {best.name} ({rel('fp32', best.name, 32)} fp32 eager); "
+                      f"bf16 model.pt2 vs fp32 eager at batch 32: {rel('fp32', 'bf16 model.pt2', 32)}."]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def header(args: argparse.Namespace, all_stats: list[LatencyStats]) -> str:
-    spreads = [s.p90_s / s.p50_s - 1 for s in all_stats if s.p50_s > 0 and not math.isnan(s.p50_s)]
-    spread = (f"spread (p90/p50 − 1) median {100 * statistics.median(spreads):.0f}%, max {100 * max(spreads):.0f}%"
-              if spreads else "spread n/a")
     return (f"torch {torch.__version__} | onnxruntime {ort.__version__} | {cpu_name()} | half-precision ISA: "
-            f"{cpu_half_flags()} | half target: {HALF_TARGET} | threads {args.threads} | warm-up {args.warmup} + "
-            f"{args.runs} interleaved runs per (variant, batch), p50 | {spread}"
-            + (" | QUICK mode: reduced widths and runs" if args.quick else ""))
+            f"{cpu_half_flags()} | half target: {HALF_TARGET} | threads {args.threads} | "
+            f"{timing_line(args.warmup, args.runs)} | {spread_summary(all_stats)}" + (QUICK_NOTE if args.quick else ""))
 
 
 # -- main -------------------------------------------------------------------------------------------
 
 FULL_MODELS = ("digits", "resnet18", "mobilenet_v2")
-QUICK_WIDTH = 0.25
 
 
 def make_case(name: str, work: Path, quick: bool) -> Case:
@@ -282,20 +235,21 @@ def make_case(name: str, work: Path, quick: bool) -> Case:
 
     The digits test images come as a NumPy reshape with strides (64, 1, 8, 1): valid for one channel,
     but torch 2.13's AOTInductor reads inputs with the exported strides and gave 11% accuracy on them."""
-    case = digits_case(work, quick) if name == "digits" else cifar_case(name, QUICK_WIDTH if quick else 1.0, work, quick)
+    case = quantization.make_case(name, work, quick)
     case.eval_inputs = case.eval_inputs.clone(memory_format=torch.contiguous_format)
     return case
 
 
 def run_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, list[LatencyStats]]:
     started = time.perf_counter()
-    _progress(f"{name}: building variants")
+    progress(f"{name}: building variants")
     case = make_case(name, work / name, args.quick)
     variants = build_variants(case, work / name, args.threads, args.aoti)
-    score(case, variants)
-    _progress(f"{name}: timing {sum(v.runner is not None for v in variants)} variants at batches {BATCHES}")
-    stats = time_variants(case, variants, args.warmup, args.runs, args.threads)
-    _progress(f"{name}: done in {time.perf_counter() - started:.0f} s")
+    score(variants, case.eval_inputs, case.eval_labels)
+    progress(f"{name}: timing {sum(v.runner is not None for v in variants)} variants at batches {BATCHES}")
+    runners = {v.name: v.runner for v in variants if v.runner is not None}
+    stats = time_interleaved(runners, lambda b: (case.example(b),), args.warmup, args.runs, args.threads)
+    progress(f"{name}: done in {time.perf_counter() - started:.0f} s")
     return table(case, variants, stats), list(stats.values())
 
 
@@ -312,25 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warm-cache", action="store_true",
                         help="use the user's Inductor cache (default: a fresh one, so compile s is a cold compile)")
     args = parser.parse_args(argv)
-    args.runs = args.runs if args.runs is not None else (5 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    if args.threads < 1 or args.runs < 1 or args.warmup < 0:
-        parser.error("need --threads >= 1, --runs >= 1, --warmup >= 0")
+    resolve_run_args(parser, args, runs=(20, 5), warmup=(3, 1))
     if args.aoti and cpp_compiler_problem() is not None:
-        _progress(f"no AOTInductor variants: {cpp_compiler_problem()}")
+        progress(f"no AOTInductor variants: {cpp_compiler_problem()}")
         args.aoti = False
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effopt-pbench-")))
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.keep, "effopt-pbench-") as work:
         if not args.warm_cache:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.mkdtemp(prefix="inductor-", dir=work)).resolve())
         results = [run_model(name, args, work) for name in args.models or FULL_MODELS]
-    print(header(args, [s for _, stats in results for s in stats]))
-    print()
-    print("\n\n".join(t for t, _ in results))
-    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    print_report(header(args, [s for _, stats in results for s in stats]), [t for t, _ in results], started)
     return 0
 
 

@@ -56,17 +56,13 @@ so under its title, and ``--threads 1 2`` shows both settings from the same comp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import logging
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,17 +77,14 @@ from torch import nn  # noqa: E402
 
 import effopt  # noqa: E402
 from benchmarks import cifar_models  # noqa: E402
+from benchmarks._common import BATCHES, INPUT_NAME, Runner, Timings, p50, progress, quiet, ratio  # noqa: E402
+from benchmarks._common import resolve_run_args, spreads, time_interleaved, timing_line, work_folder  # noqa: E402
 from effopt.hardware_profiles import load_profile  # noqa: E402
 from effopt.hardware_profiles.host import cpu_flags, cpu_name, host_int8_weight_bits  # noqa: E402
-from effopt.optimizer.emit.quiet import quiet_third_party  # noqa: E402
-from effopt.optimizer.measure.bench import LatencyStats, bench_runtimes, eager_runner, onnxruntime_runner  # noqa: E402
+from effopt.optimizer.measure.bench import LatencyStats, eager_runner, onnxruntime_runner  # noqa: E402
 
-Runner = Callable[..., object]
-
-BATCHES = (1, 32)
 RATIOS = (0.3, 0.5, 0.7)
 PROFILE = "x86-avx2"
-INPUT_NAME = "x"
 QUICK_WIDTH = 0.25
 CALIBRATION_IMAGES = 64
 EAGER, ORT = "eager", "onnxruntime"
@@ -185,20 +178,6 @@ def resnet_model(setup: Setup) -> dict:
 
 def prune(ratio: float, **extra: object) -> dict:
     return {"name": "prune_channels", "ratio": ratio, "scope": "uniform", "importance": "l2"} | extra
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence torch.jit / quantized-tensor deprecation warnings and third-party root-logger chatter."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with quiet_third_party(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def compile_row(name: str, setup: Setup, model: dict, passes: list, int8: bool = False) -> Row:
@@ -304,7 +283,7 @@ def digits_rows(work: Path) -> DigitsResult:
     """Compile ``recipes/digits_pruned.yaml`` (prune 50 %, fine-tune, int8) and read top-1 per stage from its report."""
     checkpoint = ROOT / "recipes" / "checkpoints" / "digits.pt"
     if not checkpoint.is_file():
-        _progress("digits: no checkpoint; training it with examples.digits")
+        progress("digits: no checkpoint; training it with examples.digits")
         subprocess.run([sys.executable, "-m", "examples.digits", "--out", str(checkpoint)], cwd=ROOT, check=True)
     started = time.perf_counter()
     with quiet():
@@ -341,14 +320,13 @@ def digits_table(r: DigitsResult) -> str:
 
 
 def time_rows(rows: Sequence[Row], example: torch.Tensor, warmup: int, runs: int, threads: int
-              ) -> tuple[dict[tuple[str, int], LatencyStats], dict[str, float]]:
+              ) -> tuple[Timings, dict[str, float]]:
     """Every runner of every row in one interleaved `bench_runtimes` call, keyed by (row key, batch);
     and max |onnxruntime − eager| of each row's logits on 4 images (the two artefacts are one model)."""
     by_row = {row.name: row.runners(threads) for row in rows}
     runners = {row.key(rt): fn for row in rows for rt, fn in by_row[row.name].items()}
     with quiet():
-        stats = bench_runtimes(runners, lambda b: (example[:b].contiguous(),), batches=BATCHES, warmup=warmup,
-                               runs=runs, threads=threads, measure_memory=False)
+        stats = time_interleaved(runners, lambda b: (example[:b].contiguous(),), warmup, runs, threads)
     agree = {}
     x = example[:4].contiguous()
     for row in rows:
@@ -358,7 +336,7 @@ def time_rows(rows: Sequence[Row], example: torch.Tensor, warmup: int, runs: int
                 a = torch.as_tensor(fns[EAGER](x))
                 b = torch.from_numpy(np.asarray(fns[ORT](x)[0]))  # type: ignore[index]
             agree[row.name] = float((a - b).abs().max())
-    return {(s.runtime, s.batch): s for s in stats}, agree
+    return stats, agree
 
 
 def _count(n: float | None) -> str:
@@ -370,16 +348,7 @@ def _count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
-def _ratio(num: float, den: float) -> str:
-    return "—" if math.isnan(num) or math.isnan(den) or den <= 0 else f"{num / den:.2f}×"
-
-
-def _p50(stats: dict[tuple[str, int], LatencyStats], key: str, batch: int) -> float:
-    s = stats.get((key, batch))
-    return math.nan if s is None else s.p50_s
-
-
-def table(rows: Sequence[Row], stats: dict[tuple[str, int], LatencyStats], agree: dict[str, float]) -> str:
+def table(rows: Sequence[Row], stats: Timings, agree: dict[str, float]) -> str:
     base = rows[0]
     head = ("| model | FLOPs | % of unpruned FLOPs | params | predicted × (x86-avx2, b1) | "
             + " | ".join(f"{rt} b{b} ms | × unpruned" for rt in (ORT, EAGER) for b in BATCHES)
@@ -392,12 +361,12 @@ def table(rows: Sequence[Row], stats: dict[tuple[str, int], LatencyStats], agree
             notes.append(f"- {row.name}: {row.note}")
             continue
         frac = f"{100 * row.flops / base.flops:.1f}%" if row.flops and base.flops else "—"
-        pred = _ratio(base.predicted_s or math.nan, row.predicted_s or math.nan)
+        pred = ratio(base.predicted_s or math.nan, row.predicted_s or math.nan)
         cells = []
         for rt in (ORT, EAGER):
             for b in BATCHES:
-                mine, ref = _p50(stats, row.key(rt), b), _p50(stats, base.key(rt), b)
-                cells += ["—" if math.isnan(mine) else f"{mine * 1e3:.2f}", _ratio(ref, mine)]
+                mine, ref = p50(stats, row.key(rt), b), p50(stats, base.key(rt), b)
+                cells += ["—" if math.isnan(mine) else f"{mine * 1e3:.2f}", ratio(ref, mine)]
         dev = f"{agree[row.name]:.1e}" if row.name in agree else "—"
         lines.append(f"| {row.name} | {_count(row.flops)} | {frac} | {_count(row.params)} | {pred} | "
                      + " | ".join(cells) + f" | {dev} |")
@@ -417,7 +386,7 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def checks(rows: Sequence[Row], stats: dict[tuple[str, int], LatencyStats], digits: DigitsResult | None) -> list[str]:
+def checks(rows: Sequence[Row], stats: Timings, digits: DigitsResult | None) -> list[str]:
     """The issue's acceptance checks, measured in this run (a missing number is a FAIL, never a pass)."""
     by = {r.name: r for r in rows}
     base, half, int8 = by["unpruned"], by.get("effopt 50 %"), by.get("effopt 50 % + int8")
@@ -428,12 +397,12 @@ def checks(rows: Sequence[Row], stats: dict[tuple[str, int], LatencyStats], digi
                    f"(need ≤ {100 * MAX_FLOPS_FRACTION_50:.0f}%)")
     for rt in (ORT, EAGER):
         for b in BATCHES:
-            mine = _p50(stats, half.key(rt), b) if half else math.nan
-            speed = _p50(stats, base.key(rt), b) / mine if mine > 0 else math.nan
+            mine = p50(stats, half.key(rt), b) if half else math.nan
+            speed = p50(stats, base.key(rt), b) / mine if mine > 0 else math.nan
             out.append(f"{_verdict(speed >= MIN_SPEEDUP_50)}: effopt 50 % is {speed:.2f}× faster than unpruned in "
                        f"{rt} at batch {b} (need ≥ {MIN_SPEEDUP_50:g}×)")
-    fp32 = _p50(stats, base.key(EAGER), 32)
-    candidates = {int8.labels.get(rt, rt): _p50(stats, int8.key(rt), 32) for rt in (ORT, EAGER)} if int8 else {}
+    fp32 = p50(stats, base.key(EAGER), 32)
+    candidates = {int8.labels.get(rt, rt): p50(stats, int8.key(rt), 32) for rt in (ORT, EAGER)} if int8 else {}
     live = {k: v for k, v in candidates.items() if not math.isnan(v)}
     if live:
         which = min(live, key=live.__getitem__)
@@ -464,8 +433,8 @@ def header(args: argparse.Namespace) -> str:
     except ImportError:
         tp_version = "torch-pruning not installed"
     return (f"{datetime.date.today().isoformat()} | torch {torch.__version__} | onnxruntime {ort.__version__} | "
-            f"{tp_version} | {cpu_name()}, {os.cpu_count()} logical CPUs | {int8} | warm-up {args.warmup} + "
-            f"{args.runs} interleaved runs per (variant, batch), p50"
+            f"{tp_version} | {cpu_name()}, {os.cpu_count()} logical CPUs | {int8} | "
+            f"{timing_line(args.warmup, args.runs)}"
             + (f" | QUICK mode: ResNet-18 width {QUICK_WIDTH}, fewer runs; checks not meaningful"
                if args.quick else ""))
 
@@ -476,32 +445,24 @@ def header(args: argparse.Namespace) -> str:
 NOISY_SPREAD = 0.5
 
 
-def _spreads(stats: Sequence[LatencyStats]) -> list[float]:
-    return [s.p90_s / s.p50_s - 1 for s in stats if s.p50_s > 0 and not math.isnan(s.p50_s)]
-
-
 def noisy(stats: Sequence[LatencyStats]) -> bool:
     """A quarter of the timings spread more than `NOISY_SPREAD`: the machine was busy."""
-    spreads = _spreads(stats)
-    return bool(spreads) and float(np.percentile(spreads, 75)) > NOISY_SPREAD
+    values = spreads(stats)
+    return bool(values) and float(np.percentile(values, 75)) > NOISY_SPREAD
 
 
 def spread_line(threads: int, stats: Sequence[LatencyStats]) -> str:
-    spreads = _spreads(stats)
-    if not spreads:
+    values = spreads(stats)
+    if not values:
         return f"threads {threads} (torch and onnxruntime intra-op) | spread n/a"
-    median, p75 = (float(v) for v in np.percentile(spreads, [50, 75]))
+    median, p75 = (float(v) for v in np.percentile(values, [50, 75]))
     line = (f"threads {threads} (torch and onnxruntime intra-op) | spread (p90/p50 − 1) median {100 * median:.0f}%, "
-            f"p75 {100 * p75:.0f}%, max {100 * max(spreads):.0f}%")
+            f"p75 {100 * p75:.0f}%, max {100 * max(values):.0f}%")
     if noisy(stats):
         line += (f"\n\nWarning: p75 spread above {100 * NOISY_SPREAD:.0f}%: other processes competed for the "
                  f"CPUs during this timing, so these ratios (eager's most: its {threads} OpenMP threads wait on each "
                  "other) are unreliable; read the table with the smallest spread.")
     return line
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -531,7 +492,7 @@ def build_rows(setup: Setup) -> list[Row]:
         except Exception as e:  # a failing variant is a result to report, not a crash
             first = (str(e).strip().splitlines() or [""])[0][:300]
             row = Row(name, note=f"failed: {type(e).__name__}: {first}")
-        _progress(f"  {name}: built in {row.build_s:.0f} s" + (f" ({row.note})" if row.note else ""))
+        progress(f"  {name}: built in {row.build_s:.0f} s" + (f" ({row.note})" if row.note else ""))
         rows.append(row)
     return rows
 
@@ -551,32 +512,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "~15 s on an idle machine, minutes on a busy one)")
     parser.add_argument("--keep", type=Path, default=None, help="write artefacts here instead of a temp folder")
     args = parser.parse_args(argv)
-    args.runs = args.runs if args.runs is not None else (5 if args.quick else 15)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if min(args.threads) < 1 or args.runs < 1 or args.warmup < 0:
-        parser.error("need --threads >= 1, --runs >= 1, --warmup >= 0")
+    resolve_run_args(parser, args, runs=(15, 5), warmup=(2, 1))
 
     torch.backends.quantized.engine = "x86"
     started = time.perf_counter()
     width = QUICK_WIDTH if args.quick else 1.0
-    timed: list[tuple[int, dict[tuple[str, int], LatencyStats], dict[str, float]]] = []
+    timed: list[tuple[int, Timings, dict[str, float]]] = []
     digits = None
-    with contextlib.ExitStack() as stack:
-        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effopt-prune-bench-")))
-        work.mkdir(parents=True, exist_ok=True)
-        _progress(f"resnet18 (width {width:g}): compiling {len(RATIOS) + 4} variants")
+    with work_folder(args.keep, "effopt-prune-bench-") as work:
+        progress(f"resnet18 (width {width:g}): compiling {len(RATIOS) + 4} variants")
         setup = make_setup(work, width)
         rows = build_rows(setup)
         live = [r for r in rows if r.runnable]
         for threads in args.threads:
-            _progress(f"timing {len(live)} models x (onnxruntime, eager) at batches {BATCHES}, {threads} threads")
+            progress(f"timing {len(live)} models x (onnxruntime, eager) at batches {BATCHES}, {threads} threads")
             timed.append((threads, *time_rows(live, setup.example, args.warmup, args.runs, threads)))
         if not args.no_digits:
-            _progress("digits: compiling recipes/digits_pruned.yaml")
+            progress("digits: compiling recipes/digits_pruned.yaml")
             try:
                 digits = digits_rows(work)
             except Exception as e:  # report it, keep the ResNet tables
-                _progress(f"digits failed: {type(e).__name__}: {e}")
+                progress(f"digits failed: {type(e).__name__}: {e}")
     params = _count(sum(p.numel() for p in setup.model.parameters()))
     print(header(args))
     print()

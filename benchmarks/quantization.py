@@ -61,18 +61,14 @@ torchao's PT2E flow) are expected and silenced; progress goes to stderr, tables 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import io
-import logging
 import math
-import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,24 +86,16 @@ from torch import nn  # noqa: E402
 import effopt  # noqa: E402
 import effopt.passes  # noqa: E402
 from benchmarks import cifar_models  # noqa: E402
+# INPUT_NAME and quiet are also imported from this module (benchmarks/ptq.py).
+from benchmarks._common import BATCHES, INPUT_NAME, QUICK_NOTE, Runner, Timings, ms, p50, progress  # noqa: E402
+from benchmarks._common import quality_cell, quality_head, quiet, ratio, resolve_run_args, score  # noqa: E402
+from benchmarks._common import print_report, spread_summary, time_interleaved, timing_line, work_folder  # noqa: E402
 from effopt.hardware_profiles.host import cpu_name  # noqa: E402
-from effopt.optimizer.measure.bench import (  # noqa: E402
-    LatencyStats,
-    bench_runtimes,
-    eager_runner,
-    onnxruntime_runner,
-    pt2_runner,
-)
+from effopt.optimizer.measure.bench import LatencyStats, eager_runner, onnxruntime_runner, pt2_runner  # noqa: E402
 from effopt.optimizer.emit.onnx import export_onnx  # noqa: E402
-from effopt.optimizer.emit.quiet import quiet_third_party  # noqa: E402
-from effopt.optimizer.ir.compare import compare_tensors  # noqa: E402
 from effopt.optimizer.measure.runtime import open_session  # noqa: E402
 
-Runner = Callable[..., object]
-
-BATCHES = (1, 32)
 CALIBRATION_BATCH = 32
-INPUT_NAME = "x"  # the forward argument of every model here; also the ONNX input name
 FLOAT = "float"  # float eager and float onnxruntime: the runtime column tells them apart
 
 
@@ -153,7 +141,7 @@ def digits_case(work: Path, quick: bool) -> Case:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         origin = f"weights {checkpoint.relative_to(ROOT)}"
     else:
-        _progress("digits: no checkpoint; training DigitsNet (seed 0, 30 epochs)")
+        progress("digits: no checkpoint; training DigitsNet (seed 0, 30 epochs)")
         model, _ = digits.train(seed=0, epochs=30)
         origin = "trained in this run (seed 0, 30 epochs)"
     model.eval()
@@ -246,20 +234,6 @@ def _state_dict_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell()
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence torch.ao deprecation warnings and onnxruntime.quantization's root-logger chatter."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with quiet_third_party(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
 
 
 def float_variants(case: Case, work: Path, threads: int) -> tuple[Variant, Variant]:
@@ -361,7 +335,7 @@ def _attempt(label: str, build: Callable[[], list[Variant]]) -> list[Variant]:
     except Exception as e:  # any tool's failure is a result to report, not a crash
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         variants = [Variant(label, "—", None, None, note=f"failed: {type(e).__name__}: {first_line}")]
-    _progress(f"  {label}: built in {time.perf_counter() - started:.1f} s")
+    progress(f"  {label}: built in {time.perf_counter() - started:.1f} s")
     return variants
 
 
@@ -379,31 +353,6 @@ def build_variants(case: Case, work: Path, threads: int, effopt_enabled: bool) -
         else:
             variants.append(Variant(label, "—", None, None, note="skipped (--no-effopt)"))
     return variants
-
-
-# -- quality ----------------------------------------------------------------------------------------
-
-
-def _logits(runner: Runner, inputs: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    outs = []
-    for x in inputs.split(chunk):
-        y = runner(x.contiguous())
-        outs.append(torch.from_numpy(np.asarray(y[0])) if isinstance(y, (list, tuple)) else y)
-    return torch.cat(outs).float()
-
-
-def score(case: Case, variants: list[Variant]) -> None:
-    """Fill ``variant.quality``: accuracy (digits) or top-1 agreement with float, and logit cosine similarity."""
-    reference = _logits(variants[0].runner, case.eval_inputs)
-    for v in variants:
-        if v.runner is None:
-            continue
-        logits = reference if v is variants[0] else _logits(v.runner, case.eval_inputs)
-        v.quality["agreement"] = compare_tensors(logits, reference).top1_agreement or 0.0  # [N, classes]: never None
-        cosine = torch.nn.functional.cosine_similarity(logits.double(), reference.double(), dim=1)
-        v.quality["cosine"] = float(cosine.mean())
-        if case.eval_labels is not None:
-            v.quality["accuracy"] = float((logits.argmax(1) == case.eval_labels).double().mean())
 
 
 # -- onnxruntime's optimized graph ---------------------------------------------------------------
@@ -438,44 +387,20 @@ def _summarise(ops: Counter, kinds: frozenset[str]) -> str:
 # -- timing and tables ------------------------------------------------------------------------------
 
 
-def time_variants(
-    case: Case, variants: list[Variant], warmup: int, runs: int, threads: int
-) -> dict[tuple[str, int], LatencyStats]:
-    """All runnable variants of one model, interleaved, at every batch; keyed by (variant key, batch)."""
-    runners = {v.key: v.runner for v in variants if v.runner is not None}
-    stats = bench_runtimes(runners, lambda b: (case.example(b),), batches=BATCHES, warmup=warmup, runs=runs,
-                           threads=threads, measure_memory=False)
-    return {(s.runtime, s.batch): s for s in stats}
-
-
 def _size(nbytes: int | None) -> str:
     if nbytes is None:
         return "—"
     return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
-def _ratio(num: float, den: float) -> str:
-    return "—" if math.isnan(num) or math.isnan(den) or den <= 0 else f"{num / den:.2f}×"
-
-
-def _ms(s: LatencyStats | None) -> str:
-    return "—" if s is None or math.isnan(s.p50_s) else f"{s.p50_s * 1e3:.3f}"
-
-
-def table(case: Case, variants: list[Variant], stats: dict[tuple[str, int], LatencyStats]) -> str:
-    def p50(key: str, batch: int) -> float:
-        s = stats.get((key, batch))
-        return math.nan if s is None else s.p50_s
-
+def table(case: Case, variants: list[Variant], stats: Timings) -> str:
     eager_key, ort_key = variants[0].key, variants[1].key
-
     float_size = variants[0].size_bytes or 0
-    quality_head = "accuracy (Δ pt)" if case.eval_labels is not None else "top-1 agree"
     lines = [
         f"### {case.name}: {case.description}",
         "",
         f"| variant | runtime | size | × float size | b1 p50 ms | b1 × eager | b32 p50 ms | b32 × eager | "
-        f"b32 × float ORT | {quality_head} | cos vs float |",
+        f"b32 × float ORT | {quality_head(case.eval_labels is not None)} | cos vs float |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
@@ -486,16 +411,14 @@ def table(case: Case, variants: list[Variant], stats: dict[tuple[str, int], Late
             lines.append(f"| {v.name} | — | — | — | — | — | — | — | — | — | — |")
             notes.append(f"- {v.name}: {v.note}")
             continue
-        if "accuracy" in v.quality and base_acc is not None:
-            q = f"{100 * v.quality['accuracy']:.1f}% ({100 * (v.quality['accuracy'] - base_acc):+.1f})"
-        else:
-            q = f"{100 * v.quality['agreement']:.1f}%"
         b1, b32 = stats.get((key, 1)), stats.get((key, 32))
         lines.append(
             f"| {v.name} | {v.runtime} | {_size(v.size_bytes)} | "
-            f"{_ratio(v.size_bytes or math.nan, float_size)} | {_ms(b1)} | {_ratio(p50(eager_key, 1), p50(key, 1))} | "
-            f"{_ms(b32)} | {_ratio(p50(eager_key, 32), p50(key, 32))} | {_ratio(p50(ort_key, 32), p50(key, 32))} | "
-            f"{q} | {v.quality['cosine']:.4f} |"
+            f"{ratio(v.size_bytes or math.nan, float_size)} | {ms(b1)} | "
+            f"{ratio(p50(stats, eager_key, 1), p50(stats, key, 1))} | {ms(b32)} | "
+            f"{ratio(p50(stats, eager_key, 32), p50(stats, key, 32))} | "
+            f"{ratio(p50(stats, ort_key, 32), p50(stats, key, 32))} | "
+            f"{quality_cell(v.quality, base_acc)} | {v.quality['cosine']:.4f} |"
         )
         if v.note:
             notes.append(f"- {v.name}: {v.note}")
@@ -522,7 +445,7 @@ def table(case: Case, variants: list[Variant], stats: dict[tuple[str, int], Late
 TIE_FRACTION = 0.10
 
 
-def _target_lines(case: Case, variants: list[Variant], stats: dict[tuple[str, int], LatencyStats]) -> list[str]:
+def _target_lines(case: Case, variants: list[Variant], stats: Timings) -> list[str]:
     """The issue's targets for effopt int8 PTQ on this model.
 
     Speed: effopt's fastest int8 artefact at batch 32 (model.onnx in onnxruntime, or
@@ -544,7 +467,7 @@ def _target_lines(case: Case, variants: list[Variant], stats: dict[tuple[str, in
     checks = [
         f"b32 {mine_s * 1e3:.3f} ms ({which}) vs best other int8 {best * 1e3:.3f} ms "
         f"({'met' if mine_s < best else 'missed'}{f', within the ±{TIE_FRACTION:.0%} spread' if tie else ''}: "
-        f"{_ratio(best, mine_s)})",
+        f"{ratio(best, mine_s)})",
         f"size {size:.2f}× float ({'met' if size <= 0.3 else 'missed'}, target ≤ 0.30×)",
     ]
     if case.eval_labels is not None and "accuracy" in ours.quality:
@@ -554,18 +477,9 @@ def _target_lines(case: Case, variants: list[Variant], stats: dict[tuple[str, in
 
 
 def header(args: argparse.Namespace, all_stats: list[LatencyStats]) -> str:
-    spreads = [s.p90_s / s.p50_s - 1 for s in all_stats if s.p50_s > 0 and not math.isnan(s.p50_s)]
-    spread = (f"spread (p90/p50 − 1) median {100 * statistics.median(spreads):.0f}%, max {100 * max(spreads):.0f}%"
-              if spreads else "spread n/a")
-    cpu = cpu_name()
     return (f"torch {torch.__version__} (quantized engine x86) | onnxruntime {ort.__version__} | "
-            f"{cpu} | threads {args.threads} | warm-up {args.warmup} + {args.runs} interleaved runs per "
-            f"(variant, batch), p50 | {spread}" + (" | QUICK mode: reduced widths and runs" if args.quick else ""))
-
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+            f"{cpu_name()} | threads {args.threads} | {timing_line(args.warmup, args.runs)} | "
+            f"{spread_summary(all_stats)}" + (QUICK_NOTE if args.quick else ""))
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -583,16 +497,17 @@ def make_case(name: str, work: Path, quick: bool) -> Case:
 
 def run_model(name: str, args: argparse.Namespace, work: Path) -> tuple[str, list[LatencyStats]]:
     started = time.perf_counter()
-    _progress(f"{name}: building variants")
+    progress(f"{name}: building variants")
     case = make_case(name, work / name, args.quick)
     variants = build_variants(case, work / name, args.threads, not args.no_effopt)
-    score(case, variants)
+    score(variants, case.eval_inputs, case.eval_labels)
     for v in variants:
         if v.onnx_path is not None:
             v.ops = ort_optimized_ops(v.onnx_path, args.threads)
-    _progress(f"{name}: timing {sum(v.runner is not None for v in variants)} variants at batches {BATCHES}")
-    stats = time_variants(case, variants, args.warmup, args.runs, args.threads)
-    _progress(f"{name}: done in {time.perf_counter() - started:.0f} s")
+    progress(f"{name}: timing {sum(v.runner is not None for v in variants)} variants at batches {BATCHES}")
+    runners = {v.key: v.runner for v in variants if v.runner is not None}
+    stats = time_interleaved(runners, lambda b: (case.example(b),), args.warmup, args.runs, args.threads)
+    progress(f"{name}: done in {time.perf_counter() - started:.0f} s")
     return table(case, variants, stats), list(stats.values())
 
 
@@ -609,23 +524,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-effopt", action="store_true", help="leave out the effopt variants (baselines only)")
     parser.add_argument("--keep", type=Path, default=None, help="write artefacts here instead of a temp folder")
     args = parser.parse_args(argv)
-    args.runs = args.runs if args.runs is not None else (5 if args.quick else 20)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    if args.threads < 1 or args.runs < 1 or args.warmup < 0:
-        parser.error("need --threads >= 1, --runs >= 1, --warmup >= 0")
+    resolve_run_args(parser, args, runs=(20, 5), warmup=(5, 2))
     models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
 
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "x86"
     started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effopt-qbench-")))
+    with work_folder(args.keep, "effopt-qbench-") as work:
         results = [run_model(name, args, work) for name in models]
-    tables = [t for t, _ in results]
-    print(header(args, [s for _, stats in results for s in stats]))
-    print()
-    print("\n\n".join(tables))
-    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    print_report(header(args, [s for _, stats in results for s in stats]), [t for t, _ in results], started)
     return 0
 
 

@@ -35,8 +35,7 @@ import torch
 
 __all__ = [
     "LeastSquares",
-    "LowRankConv",
-    "LowRankLinear",
+    "LowRankFactors",
     "SeparableFactors",
     "Tucker2Conv",
     "channel_low_rank",
@@ -249,23 +248,15 @@ class LeastSquares:
 
 
 @dataclass(frozen=True)
-class LowRankLinear:
-    """``Linear(in, out)`` ≈ ``Linear(in, r, bias=False)`` (``first``, ``[r, in]``) then ``Linear(r, out)`` (``second``, ``[out, r]``)."""
+class LowRankFactors:
+    """A layer ≈ ``first`` (to ``rank`` channels) then ``second`` (back to the layer's outputs).
 
-    first: torch.Tensor
-    second: torch.Tensor
-    rank: int
-    energy: float
-
-    @property
-    def relative_error(self) -> float:
-        return relative_error(self.energy)
-
-
-@dataclass(frozen=True)
-class LowRankConv:
-    """A K×K conv ≈ a K×K conv to ``rank`` channels (``first``, ``[r, C_in, kh, kw]``), then a 1×1 conv
-    (``second``, ``[C_out, r, 1, 1]``)."""
+    For a ``Linear(in, out)``: ``first`` is ``[r, in]`` (a ``Linear(in, r, bias=False)``) and
+    ``second`` ``[out, r]`` (a ``Linear(r, out)``). For a K×K conv: ``first`` is ``[r, C_in, kh, kw]``
+    (a K×K conv to ``r`` channels) and ``second`` ``[C_out, r, 1, 1]`` (a 1×1 conv). One type for
+    both, since only the shapes differ. Example: a Linear 512 → 256 at r = 32 gives first
+    ``[32, 512]`` and second ``[256, 32]``.
+    """
 
     first: torch.Tensor
     second: torch.Tensor
@@ -284,7 +275,7 @@ def _balanced_svd(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
     return u[:, :r] * root, root[:, None] * vh[:r], s
 
 
-def linear_low_rank(weight: torch.Tensor, rank: int) -> LowRankLinear:
+def linear_low_rank(weight: torch.Tensor, rank: int) -> LowRankFactors:
     """Rank-``rank`` factors of a Linear weight ``[out, in]``; exact at ``rank = min(out, in)``.
 
     Example: ``[[3, 0], [0, 1]]`` at rank 1 gives first ``[[√3, 0]]``, second ``[[√3], [0]]``,
@@ -295,7 +286,7 @@ def linear_low_rank(weight: torch.Tensor, rank: int) -> LowRankLinear:
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"rank {rank} outside 1..{min(weight.shape)} for a {tuple(weight.shape)} weight")
     left, right, s = _balanced_svd(weight.detach().double(), rank)
-    return LowRankLinear(right.to(weight.dtype), left.to(weight.dtype), rank, kept_energy(s, rank))
+    return LowRankFactors(right.to(weight.dtype), left.to(weight.dtype), rank, kept_energy(s, rank))
 
 
 def conv_unfolding_spectrum(weight: torch.Tensor, mode: int = 0) -> torch.Tensor:
@@ -307,7 +298,7 @@ def conv_unfolding_spectrum(weight: torch.Tensor, mode: int = 0) -> torch.Tensor
     return torch.linalg.svdvals(w.reshape(w.shape[0], -1))
 
 
-def channel_low_rank(weight: torch.Tensor, rank: int) -> LowRankConv:
+def channel_low_rank(weight: torch.Tensor, rank: int) -> LowRankFactors:
     """Channel decomposition of a Conv2d weight at ``rank``; exact at ``rank = min(C_out, C_in·K²)``.
 
     The unfolding ``[C_out, C_in·K²] = U S Vᵀ``: the K×K conv gets ``√S Vᵀ`` (reshaped to
@@ -318,8 +309,8 @@ def channel_low_rank(weight: torch.Tensor, rank: int) -> LowRankConv:
     if not 1 <= rank <= min(c_out, c_in * kh * kw):
         raise ValueError(f"rank {rank} outside 1..{min(c_out, c_in * kh * kw)} for a {tuple(weight.shape)} conv")
     left, right, s = _balanced_svd(weight.detach().double().reshape(c_out, -1), rank)
-    return LowRankConv(right.reshape(rank, c_in, kh, kw).to(weight.dtype),
-                       left.reshape(c_out, rank, 1, 1).to(weight.dtype), rank, kept_energy(s, rank))
+    return LowRankFactors(right.reshape(rank, c_in, kh, kw).to(weight.dtype),
+                          left.reshape(c_out, rank, 1, 1).to(weight.dtype), rank, kept_energy(s, rank))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Every test starts from one DigitsNet trained for 3 epochs on scikit-learn's real
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -33,20 +33,7 @@ from tests.models import seeded
 NOISE = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run this module on one intra-op thread, restoring the caller's count afterwards.
-
-    Why: these models are tiny, and on a busy 2-core machine two OpenMP threads spend
-    most of their time waiting for each other (measured: ~75 s for this file with 2
-    threads under load, ~11 s with 1). Results are the same either way.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

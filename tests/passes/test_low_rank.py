@@ -9,7 +9,7 @@ what is specific to low rank: rank choice, exactness at full rank, MAC targets, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +30,7 @@ from tests.passes.helpers import build_ir, host_kernel_context, recipe_passes
 EXACT = {"name": "low_rank", "rank": "auto", "energy": 1.0, "apply": "all", "finetune": None}
 X86 = PassContext(profile=load_profile("x86-avx2"))
 REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module, restored afterwards (tiny models on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rewrite(ir: IR, *entries: object, ctx: PassContext = X86) -> tuple[IR, PassRecord]:

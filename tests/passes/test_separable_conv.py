@@ -10,7 +10,7 @@ through the pass manager, as a recipe runs them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,21 +33,10 @@ from tests.passes.helpers import build_ir, host_kernel_context, recipe_passes
 EXACT = {"name": "separable_conv", "multiplier": "auto", "energy": 1.0, "apply": "all", "finetune": None}
 X86 = PassContext(profile=load_profile("x86-avx2"))
 REL_TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module (restored afterwards): the models are tiny, and on a busy
-    2-core machine two OpenMP threads mostly wait for each other (as in tests/optimizer/test_finetune.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rewrite(ir: IR, *entries: object, ctx: PassContext = X86) -> tuple[IR, PassRecord]:
