@@ -147,7 +147,9 @@ def compile_cmd(recipe: Path, output: Path | None, force: bool) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--artifact", type=click.Path(path_type=Path), help="Folder with model.pt2/model.onnx (default: output.dir).")
+@click.option("--artifact", type=click.Path(path_type=Path),
+              help="Artefact folder: model.pt2, model_aoti.pt2, model_int8.pt, model.onnx, model_float.onnx, "
+                   "each scored when present (default: output.dir).")
 @_handle_errors
 def evaluate(recipe: Path, artifact: Path | None) -> None:
     """Metrics of the original model and of each emitted artefact on the recipe's data.eval."""

@@ -23,7 +23,7 @@ from effopt.optimizer.artefacts import emit_artefacts, lower_for_integer_target
 from effopt.optimizer.emit.writer import check_output_dir
 from effopt.optimizer.ir.cost_model import ModelCost, estimate
 from effopt.optimizer.frontend.data import DataSource, load_source
-from effopt.optimizer.measure.evaluate import Task, evaluate, onnx_callable
+from effopt.optimizer.measure.evaluate import Task, aoti_callable, evaluate, onnx_callable
 from effopt.optimizer.train.finetune import SERVICE_KEY as FINETUNE_SERVICE
 from effopt.optimizer.train.finetune import FineTuner
 from effopt.optimizer.ir.core import IR, InputSpec
@@ -336,7 +336,9 @@ def compile(  # noqa: A001 - the public verb users expect: effopt.compile(recipe
 def evaluate_artefacts(
     recipe: str | Path | Recipe | LoadedRecipe | dict, artefact_dir: str | Path | None = None
 ) -> list[StageEvaluation]:
-    """Score the original model and each emitted artefact (model.pt2, model_int8.pt, model.onnx, model_float.onnx) on ``data.eval``.
+    """Score the original model and each emitted artefact on ``data.eval``.
+
+    The artefacts, in this order when present: model.pt2, model_aoti.pt2, model_int8.pt, model.onnx, model_float.onnx.
 
     ``artefact_dir`` defaults to the recipe's ``output.dir``; artefacts that are not
     there are left out. Agreement is always measured against the original model.
@@ -357,6 +359,11 @@ def evaluate_artefacts(
     if pt2.is_file():
         program = torch.export.load(str(pt2)).module()
         stages.append(StageEvaluation(f"{pt2.name} (torch.export)", evaluate(program, eval_data, task, reference=model)))
+    aoti_path = folder / "model_aoti.pt2"  # formats: [aoti]; fed contiguous copies (see aoti_callable)
+    if aoti_path.is_file():
+        stages.append(StageEvaluation(
+            f"{aoti_path.name} (AOTInductor)", evaluate(aoti_callable(aoti_path), eval_data, task, reference=model)
+        ))
     int8_path = folder / "model_int8.pt"
     if int8_path.is_file():
         int8_module = torch.jit.load(str(int8_path))
@@ -385,6 +392,8 @@ def _context(
     train = _source(loaded, specs, "train")
     calibration = _source(loaded, specs, "calibration") or train or eval_data
     services: dict[str, object] = {}
+    if eval_data is not None:
+        services["eval_inputs"] = eval_data  # held-out inputs, e.g. quantize's min_decision_agreement
     if eval_data is not None and task is not None and r.accuracy_budget is not None:
         services["accuracy_budget"] = r.accuracy_budget
         services["score"] = lambda m: evaluate(m, eval_data, task, reference=original).headline

@@ -1,12 +1,19 @@
 """`effopt bench`: time the original model and every emitted artefact side by side, next to predictions.
 
-The original (eager PyTorch), ``model.pt2``, ``model_int8.pt``, ``model.onnx`` and
-``model_aoti.pt2`` (AOTInductor, when compiled) run interleaved,
+The original (eager PyTorch), ``model.pt2``, ``model_int8.pt``, ``model.onnx``,
+``model_aoti.pt2`` (AOTInductor, when compiled) and ``model_float.onnx`` (the float model
+before quantize, next to a quantized one) run interleaved,
 round-robin, after warm-up, with a fixed thread count (see `effopt.optimizer.measure.bench`),
 at batch 1 and a larger batch. Each row stands next to the roofline prediction
 for the ``host`` profile (measured on the spot unless a profile file is given),
 and the Spearman rank correlation between predicted and measured p50 says how
-far the cost model's ordering can be trusted on this machine. The result is
+far the cost model's ordering can be trusted on this machine.
+
+``model_float.onnx`` has no prediction (``—``): the folder holds no IR of the model before
+quantize (``model.pt2`` is the quantized one), and pricing the quantized IR in fp32 would
+still count its quantize/dequantize steps. Its measured row next to ``model.onnx`` is the point:
+it says whether int8 paid off on this host (a LeNet-sized int8 QDQ ONNX ran 2x slower than its
+float ONNX at batch 32 on an AMD EPYC without VNNI; see `effopt.optimizer.measure.deploy`). The result is
 appended to ``report.json``/``report.md`` in the artefact folder.
 """
 
@@ -109,6 +116,9 @@ def run_bench(
             irs["model_int8.pt (torch int8)"] = irs["model.pt2"]
     if onnx_path.is_file():
         runners["model.onnx (onnxruntime)"] = onnxruntime_runner(onnx_path, threads)
+    float_path = folder / "model_float.onnx"  # the float fallback of a quantized compile; not priced (module doc)
+    if float_path.is_file():
+        runners["model_float.onnx (onnxruntime)"] = onnxruntime_runner(float_path, threads)
     if len(runners) < 2 and original is None:
         raise RecipeError(f"{folder}: no model.pt2 or model.onnx to benchmark; run effopt compile first")
     profile = profile or measure_host(threads=threads)

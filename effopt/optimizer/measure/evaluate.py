@@ -7,8 +7,8 @@ separable rewrite) need the second question before and after they run, and the
 fine-tuning service needs it for early stopping.
 
 ``model`` is any callable from input tensors to an output tensor, so the same code
-scores an ``nn.Module``, a loaded ``.pt2`` program or an ONNX file through
-`onnx_callable`. Example::
+scores an ``nn.Module``, a loaded ``.pt2`` program, an ONNX file through
+`onnx_callable` or an AOTInductor package through `aoti_callable`. Example::
 
     ev = evaluate(model, eval_source, "classification", reference=original)
     ev.headline_name, ev.headline      # ("top1", 0.978)
@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from effopt.errors import DataError, EmitError
+from effopt.optimizer.emit.aoti import load_aoti
 from effopt.optimizer.frontend.data import DataSource
 from effopt.optimizer.measure.metrics import (
     AgreementMetrics,
@@ -38,7 +39,7 @@ from effopt.optimizer.measure.metrics import (
 )
 from effopt.optimizer.measure.runtime import open_session
 
-__all__ = ["Evaluation", "Task", "eval_mode", "evaluate", "first_tensor", "onnx_callable"]
+__all__ = ["Evaluation", "Task", "aoti_callable", "eval_mode", "evaluate", "first_tensor", "onnx_callable"]
 
 #: What the model's output means. ``classification``: ``[N, C]`` logits scored against
 #: labels. ``regression``/``generic``: outputs scored only by agreement with a reference
@@ -234,3 +235,33 @@ def onnx_callable(path: str | Path) -> OnnxCallable:
         EmitError: the file does not exist.
     """
     return OnnxCallable(Path(path))
+
+
+class AotiCallable:
+    """A loaded ``model_aoti.pt2`` that copies each input into the contiguous layout first, for `evaluate`.
+
+    Why the copy: torch 2.13's compiled code reads an input with the strides of the export
+    example and checks nothing (`effopt.optimizer.emit.aoti.INPUT_LAYOUT`). A data source may
+    hand over a view: digits images from ``a.reshape(n, 8, 8, 1)`` permuted to NCHW have strides
+    (64, 1, 8, 1), count as contiguous (one channel), so ``x.contiguous()`` keeps them, and the
+    package's logits came out up to 7.7 off. ``x.clone(memory_format=torch.contiguous_format)``
+    gives (64, 64, 8, 1). One copy per batch is noise next to the model.
+    """
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise EmitError(f"{path}: AOTInductor package not found")
+        self.path = path
+        self.run = load_aoti(path)
+
+    def __call__(self, *inputs: torch.Tensor) -> object:
+        return self.run(*(t.detach().cpu().clone(memory_format=torch.contiguous_format) for t in inputs))
+
+
+def aoti_callable(path: str | Path) -> AotiCallable:
+    """Wrap ``model_aoti.pt2`` so `evaluate` can score it: ``evaluate(aoti_callable(p), data, task)``.
+
+    Raises:
+        EmitError: the file does not exist.
+    """
+    return AotiCallable(Path(path))
