@@ -96,6 +96,11 @@ class QuantizeOptions(PassOptions):
         0.01, gt=0, description="mixed precision budget when the recipe has no max_accuracy_drop with data.eval: "
         "relative output error ||y_q − y||² / ||y||² on calibration data"
     )
+    min_decision_agreement: float | None = Field(
+        None, gt=0, le=1, description="mixed precision budget on decisions: promote layers until every decision head "
+        "(a softmax output, or [N, C] logits) agrees with the float model on at least this fraction of data.eval's "
+        "inputs (calibration data without data.eval); replaces max_output_error unless that is set too"
+    )
     qat: QatOptions | None = Field(None, description="quantization-aware training after calibration (needs data.train)")
     equalize: Toggle = Field("auto", description="cross-layer equalization of conv/linear pairs before calibration; "
                              "auto: per pair where it lowers the measured error (static mode), see docs/ptq.md")
@@ -108,6 +113,8 @@ class QuantizeOptions(PassOptions):
     def _consistent(self) -> QuantizeOptions:
         if self.mode != "static" and (self.qat is not None or self.mixed_precision):
             raise ValueError(f"qat and mixed_precision need mode: static (got mode: {self.mode})")
+        if self.min_decision_agreement is not None and not self.mixed_precision:
+            raise ValueError("min_decision_agreement is a mixed precision budget: add mixed_precision: true")
         return self
 
 
@@ -184,8 +191,10 @@ class Quantize(Pass):
         sens: list[LayerSensitivity] = []
         if o.mixed_precision:
             assert float_model is not None
-            sens = _mixed_precision(ir, rewrite, float_model, ctx, o)
+            sens, kept = _mixed_precision(ir, rewrite, float_model, ctx, o)
             stats["promoted_by_sensitivity"] = float(sum(s.precision != f"{o.bits}-bit" for s in sens))
+            if kept is not None:
+                stats["decision_agreement"] = kept
             word = _float_word(ctx.profile)
             warnings += [
                 f"mixed precision: '{s.node}' sensitivity {s.sensitivity:.3g} ({word} would cost "
@@ -440,7 +449,13 @@ def _set_enabled(quants: Iterable[FakeQuant], enabled: bool) -> None:
         fq.enabled = enabled
 
 
-def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassContext, o: QuantizeOptions) -> list[LayerSensitivity]:
+def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassContext, o: QuantizeOptions
+                     ) -> tuple[list[LayerSensitivity], float | None]:
+    """Promote the most sensitive layers until the budget holds (`_budget_check`).
+
+    Returns every layer's sensitivity row and, with ``min_decision_agreement``, the decisions the
+    quantized model keeps in the end (worst head; None without that option or a decision head).
+    """
     batches = _calibration_batches(ctx, min(o.calibration_batches, 4))
     gm = ir.gm.eval()
     every = [fq for g in rw.groups.values() for fq in g]
@@ -456,7 +471,8 @@ def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassCont
     _set_enabled(every, True)
     cost = _float_cost(ir, rw, ctx)
     order = sorted(rw.layer_nodes, key=lambda n: (*outputs[n.name].sort_key(), cost.get(n.name, 0.0), n.name))
-    within_budget = _budget_check(gm, float_model, batches, ctx, o)
+    decisions = _decision_check(gm, float_model, ctx, o, axes, batches)
+    within_budget = _budget_check(gm, float_model, batches, ctx, o, decisions)
     promoted: dict[str, str] = {}
     for node in order:
         if within_budget():
@@ -464,20 +480,63 @@ def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassCont
         layer = next(m for n, m in zip(rw.layer_nodes, rw.layers) if n is node)
         promoted[node.name] = _promote(layer, rw.groups[node.name], o, getattr(ctx.profile, "int8_weight_bits", 8),
                                        preferred_half_dtype(ctx.profile))
-    return [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"),
+    rows = [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"),
                              outputs[n.name].decision_agreement) for n in rw.layer_nodes]
+    return rows, (decisions.kept() if decisions is not None else None)
+
+
+@dataclass(frozen=True)
+class _DecisionCheck:
+    """``min_decision_agreement``: the quantized model's decisions against the float model's, worst head."""
+
+    gm: nn.Module
+    float_model: nn.Module
+    batches: list[tuple[torch.Tensor, ...]]
+    axes: tuple[int | None, ...] | None
+    floor: float
+
+    def kept(self) -> float:
+        agreement = measure_outputs(self.gm, self.float_model, self.batches, self.axes).decision_agreement
+        return 1.0 if agreement is None else agreement
+
+    def __call__(self) -> bool:
+        return self.kept() >= self.floor - 1e-12
+
+
+def _decision_check(gm: nn.Module, float_model: nn.Module, ctx: PassContext, o: QuantizeOptions,
+                    axes: tuple[int | None, ...] | None, calibration: list[tuple[torch.Tensor, ...]]
+                    ) -> _DecisionCheck | None:
+    """The decisions budget, measured on data.eval's inputs (held out) when the compiler passes them, else on
+    the calibration batches; None without the option. Raises PassError for a model with no decision head."""
+    if o.min_decision_agreement is None:
+        return None
+    source = ctx.services.get("eval_inputs")
+    batches = [tuple(b.inputs) for _, b in zip(range(8), source.batches())] if source is not None else calibration
+    check = _DecisionCheck(gm, float_model, batches, axes, o.min_decision_agreement)
+    if measure_outputs(float_model, float_model, batches[:1], axes).decision_agreement is None:
+        raise PassError("quantize min_decision_agreement: the model has no decision head (a softmax output, or an "
+                        "[N, C] logits output); use max_output_error or the recipe's max_accuracy_drop instead")
+    return check
 
 
 def _budget_check(
-    gm: nn.Module, float_model: nn.Module, batches: list[tuple[torch.Tensor, ...]], ctx: PassContext, o: QuantizeOptions
+    gm: nn.Module, float_model: nn.Module, batches: list[tuple[torch.Tensor, ...]], ctx: PassContext,
+    o: QuantizeOptions, decisions: _DecisionCheck | None = None,
 ) -> Callable[[], bool]:
-    """Is the quantized model good enough yet? The recipe's accuracy budget on its eval data when the
-    compiler provides one (``ctx.services["score"]`` and ``["accuracy_budget"]``), else ``max_output_error``."""
+    """Is the quantized model good enough yet? Every budget that applies must hold: the recipe's accuracy
+    budget on its eval data when the compiler provides one (``ctx.services["score"]`` and
+    ``["accuracy_budget"]``), ``min_decision_agreement`` when set, and ``max_output_error`` when neither
+    applies or when the recipe sets it next to ``min_decision_agreement``."""
+    checks: list[Callable[[], bool]] = []
     score, budget = ctx.services.get("score"), ctx.services.get("accuracy_budget")
     if callable(score) and budget is not None:
         floor = score(float_model) - budget
-        return lambda: score(gm) >= floor - 1e-12
-    return lambda: _relative_error(gm, float_model, batches) <= o.max_output_error
+        checks.append(lambda: score(gm) >= floor - 1e-12)
+    if decisions is not None:
+        checks.append(decisions)
+    if not checks or (decisions is not None and "max_output_error" in o.model_fields_set):
+        checks.append(lambda: _relative_error(gm, float_model, batches) <= o.max_output_error)
+    return lambda: all(check() for check in checks)
 
 
 def _promote(layer: QuantConv | QuantLinear, group: list[FakeQuant], o: QuantizeOptions, widest: int = 8,

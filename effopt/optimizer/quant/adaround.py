@@ -37,9 +37,8 @@ any) come from a seeded `torch.Generator`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,10 +112,6 @@ class Objective(Protocol):
         """E[ŷ − y] per output channel: what `bias_correction` would subtract from the bias."""
         ...
 
-    def step_flops(self, weight: torch.Tensor) -> int:
-        """Roughly what one `loss` evaluation costs."""
-        ...
-
 
 class GramObjective:
     """The reconstruction term as a quadratic form: exact over all rows, out·d² per step.
@@ -146,9 +141,6 @@ class GramObjective:
 
     def loss(self, weight: torch.Tensor) -> torch.Tensor:
         return self._quadratic(weight, self._gram32, self._cross32) + self.const
-
-    def step_flops(self, weight: torch.Tensor) -> int:
-        return 2 * weight.shape[0] * self.gram.shape[1] ** 2
 
     def mean_residual(self, weight: torch.Tensor) -> torch.Tensor:
         wg = weight.detach().double().reshape(self.groups, weight.shape[0] // self.groups, -1)
@@ -196,10 +188,6 @@ class SampledObjective:
         out = self.forward(self.inputs[idx], weight)
         return (out - self.targets[idx]).pow(2).sum() * (weight.shape[0] / out.numel())  # Σ channels, mean elsewhere
 
-    def step_flops(self, weight: torch.Tensor) -> int:
-        rows = min(self.batch_size, self.inputs.shape[0])
-        return 2 * rows * weight.numel() * max(1, self.targets[0].numel() // weight.shape[0])
-
     def error(self, weight: torch.Tensor, shift: torch.Tensor | None = None) -> float:
         num = den = 0.0
         for r, want in self._residuals(weight):
@@ -234,29 +222,6 @@ def round_nearest(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sche
     return (torch.clamp(torch.round(w / s) + z, scheme.qmin, scheme.qmax) - z) * s
 
 
-#: a step below this many FLOPs runs on one intra-op thread (see `_few_threads`)
-SMALL_STEP_FLOPS = 2**24
-
-
-@contextlib.contextmanager
-def _few_threads(step_flops: int) -> Iterator[None]:
-    """One intra-op thread while a loop of tiny steps runs, then the caller's count again.
-
-    Why: a step on a small layer is a dozen ops on kilobyte tensors, and synchronising OpenMP
-    threads costs more than the work: 30 ms against 1.8 ms per step measured on two busy cores
-    (a 32×288 layer). Large steps keep every thread.
-    """
-    before = torch.get_num_threads()
-    if step_flops >= SMALL_STEP_FLOPS or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def adaround_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QScheme,
                     objective: Objective, config: AdaRoundConfig) -> AdaRoundResult:
     """Learn the rounding of ``w`` (on the grid ``scale``/``zero``/``scheme``) that minimises ``objective``.
@@ -279,7 +244,7 @@ def adaround_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sc
     nearest = round_nearest(w, scale.detach().float(), zero, scheme)
     with torch.no_grad():
         norm = max(float(objective.loss(nearest)), 1e-30)
-    with torch.enable_grad(), _few_threads(objective.step_flops(w)):
+    with torch.enable_grad():
         for step in range(config.iterations):
             loss = objective.loss(grid(rectified_sigmoid(v))) / norm
             if step >= warm:

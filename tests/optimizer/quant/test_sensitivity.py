@@ -104,3 +104,40 @@ def test_mixed_precision_keeps_the_layer_that_flips_decisions_first() -> None:
     assert rows["prob"]["top1_agreement"] < 1.0 and rows["box"]["top1_agreement"] == 1.0  # precondition: prob flips
     assert rows["box"]["sensitivity"] > 3 * rows["prob"]["sensitivity"]  # precondition: box is far louder
     assert [r["layer"] for r in record.result.details if r["precision"] != "7-bit"] == ["prob"]
+
+
+def test_min_decision_agreement_is_a_budget_on_decisions_kept() -> None:
+    """No labels, no accuracy budget: ``min_decision_agreement: 1.0`` alone promotes the prob layer (the
+    one that flips face decisions) and stops there; the loud box layer stays int8, and the stats say
+    how many decisions the result keeps on the held-out inputs."""
+    model = two_heads()
+    g = torch.Generator().manual_seed(0)
+    calibration = DataSource("random", TensorDataset(torch.randn(256, 16, generator=g)), 64, False)
+    held_out = DataSource("random", TensorDataset(torch.randn(256, 16, generator=g)), 64, False)
+    ctx = PassContext(profile=load_profile("x86-avx2"), calibration=calibration, services={"eval_inputs": held_out})
+    spec = {"name": "quantize", "equalize": False, "bias_correction": False, "keep_float": ["trunk"],
+            "mixed_precision": True, "min_decision_agreement": 1.0}
+    plain = {**spec, "min_decision_agreement": None, "mixed_precision": False}
+    _, (before,) = run_passes(build_ir(model, (1, 16)), recipe_passes(plain), ctx)
+    qmodel = before.result.ir.gm
+    kept = measure_outputs(qmodel, model, [tuple(b.inputs) for b in held_out.batches()], (1, None))
+    assert kept.decision_agreement is not None and kept.decision_agreement < 1.0  # precondition: int8 flips some
+    _, (record,) = run_passes(build_ir(model, (1, 16)), recipe_passes(spec), ctx)
+    assert [r["layer"] for r in record.result.details if r["precision"] != "7-bit"] == ["prob"]
+    assert record.result.stats["decision_agreement"] == 1.0
+
+
+def test_min_decision_agreement_needs_mixed_precision_and_a_decision_head() -> None:
+    from pydantic import ValidationError
+
+    from effopt.errors import PassError
+    from effopt.passes.quantize import QuantizeOptions
+
+    with pytest.raises(ValidationError, match="add mixed_precision: true"):
+        QuantizeOptions(min_decision_agreement=0.99)
+    source = DataSource("random", TensorDataset(torch.randn(64, 16)), 64, False)
+    regression = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    spec = {"name": "quantize", "mixed_precision": True, "min_decision_agreement": 0.99}
+    with pytest.raises(PassError, match="no decision head"):
+        run_passes(build_ir(regression, (1, 16)), recipe_passes(spec),
+                   PassContext(profile=load_profile("x86-avx2"), calibration=source))
