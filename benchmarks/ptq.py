@@ -1,48 +1,47 @@
 """Post-training quantization that keeps the float model's decisions: effopt's steps vs onnxruntime and torch FX.
 
-    python benchmarks/ptq.py            # full run, ~5-10 minutes on 2 shared cores
-    python benchmarks/ptq.py --quick    # smoke run, ~2-4 minutes (fewer training epochs and AdaRound steps)
+    python benchmarks/ptq.py            # full run, ~15-25 minutes on 2 shared cores
+    python benchmarks/ptq.py --quick    # smoke run (fewer epochs, calibration images and AdaRound steps)
+    python benchmarks/ptq.py --models pnet --regimes w4
 
-Two trained models, both on scikit-learn's digits (8×8 images, 1347 train / 450 test):
+Three trained models, all on scikit-learn's digits (8×8 images, 1347 train / 450 test):
 
-- ``digits``: the bundled `examples.digits.DigitsNet` (recipes/checkpoints/digits.pt, built with
-  ``python -m examples.digits --out recipes/checkpoints/digits.pt`` when missing);
-- ``mobilenet``: a MobileNetV2-style net (`DigitsMobileNet`: inverted residuals, 1×1 expand,
-  3×3 depthwise, 1×1 project, residual adds, BatchNorm), trained here briefly (seeded). It uses
-  ReLU where MobileNetV2 has ReLU6, as Nagel et al. do for equalization: ReLU6 clips at a fixed
-  6, which a channel rescaling moves, so effopt declines to equalize across it.
+- ``digits``: the bundled `examples.digits.DigitsNet` (recipes/checkpoints/digits.pt, or trained);
+- ``mobilenet``: `benchmarks.ptq_models.DigitsMobileNet`, MobileNetV2's inverted residuals with
+  depthwise convs, residual adds and BatchNorm, trained here (seeded);
+- ``pnet``: `benchmarks.ptq_models.DigitsPNet`, an MTCNN PNet (PReLU, a softmax "face" head and a
+  box-regression head) trained here to say "digit ≥ 5" and to box the ink. Its recipe has eval
+  data without labels, so effopt's mixed precision uses the output-aware sensitivity.
 
-=============================  =====================================================================
-row                            how
-=============================  =====================================================================
-float                          the model in onnxruntime (effopt's ``export_onnx``)
-torch FX int8 (x86)            ``prepare_fx``/``convert_fx``, ``get_default_qconfig_mapping("x86")``
-ORT quantize_static            ``quant_pre_process`` + ``quantize_static``: QDQ, per-channel s8 weights,
-                               u8 activations, MinMax (onnxruntime's recommended CPU recipe)
-ORT ..., reduce_range          the same with ``reduce_range=True`` (7-bit weights, for CPUs without VNNI)
-effopt nearest                 ``effopt.compile`` with ``[fold_batchnorm, eliminate_dead_code,
-                               quantize]``, ``equalize: false, bias_correction: false``; model.onnx
-effopt +CLE                    the same with ``equalize: true``
-effopt +CLE +bias corr.        ``equalize: true, bias_correction: true``
-effopt +CLE +BC +AdaRound      ... and ``adaround: {iterations: N}``
-effopt defaults (auto)         no option: equalization and bias correction where they measure better
-=============================  =====================================================================
+Three regimes, each with its own references, configured the way each tool documents it:
 
-Every tool calibrates on the same 256 training images (64 with ``--quick``). Top-1 accuracy and
-its drop against float (points) are on the 450 test images, where one image is 0.22 points; the
-decisions are compared with the float model's on every image no tool calibrated on (the test
-images and the other 1091 training images): top-1 agreement, the number of flipped decisions,
-and the relative output error ‖y_q − y‖² / ‖y‖² of the logits.
+==================  ========================================  ==============================================
+regime              references                                effopt
+==================  ========================================  ==============================================
+``int8``            torch FX ``get_default_qconfig_mapping``  ``quantize`` defaults: per-channel weights
+                    ("x86"); ORT ``quantize_static`` QDQ      (7 bits on a CPU without VNNI)
+                    per-channel (8-bit and ``reduce_range``)
+``per_tensor``      FX with a per-tensor weight observer;     ``per_channel: false``
+                    ORT ``per_channel=False`` (its default)
+                    with ``reduce_range``
+``w4``              FX with a 4-bit (−8..7) per-channel       ``bits: 4`` (activations stay 8-bit)
+                    weight observer; ORT with every weight
+                    ``QInt4`` per channel (TensorQuantOverrides)
+==================  ========================================  ==============================================
 
-A second table per model quantizes weights to 4 bits (activations 8) with effopt alone, where
-rounding decides most and the steps' effect is far larger than at 8 bits; neither reference
-offers 4-bit conv weights on this CPU path.
-effopt targets ``x86-avx2``; on a CPU without AVX512-VNNI (this one, if the header says
-``int8 weight bits 7``) its weights use 7 bits so that onnxruntime's u8×s8 kernels cannot
-saturate. onnxruntime's default keeps 8-bit weights, and on such a CPU its kernels do saturate
-(the error of that row; ``reduce_range=True`` is its documented fix and the fair reference);
-torch FX's x86 default uses 7-bit activations instead.
-The target line below each table compares the best effopt row with both references.
+Per regime the effopt rows are: nearest rounding, +CLE, +CLE +bias correction, +bias correction
++AdaRound, all three, the defaults (``auto``) and the defaults with ``adaround: true``; each is
+``effopt.compile`` of ``[fold_batchnorm, eliminate_dead_code, quantize]`` for ``x86-avx2``,
+scored from the emitted ``model.onnx`` in onnxruntime.
+
+What is scored: every tool calibrates on the same 256 training images (64 with ``--quick``).
+Decisions are compared with the float model's on the 1541 images no tool calibrated on (the 450
+test images, then the other training images): the decisions flipped (every flip is accuracy the
+quantized model can lose, whatever the label says), the largest move of the probability of the
+float model's decision (softmax of the logits; the PNet's own softmax), and the relative output
+error ‖y_q − y‖² / ‖y‖² over every head. Top-1 against labels is on the 450 test images (one
+image = 0.22 points). Below each table the target line compares effopt's best row with the
+references, with a sign test on the images where exactly one of the two flips the decision.
 
 Progress goes to stderr, tables to stdout.
 """
@@ -50,11 +49,11 @@ Progress goes to stderr, tables to stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
+import math
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,281 +64,61 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import effopt  # noqa: E402
-from benchmarks.quantization import (  # noqa: E402
-    CALIBRATION_BATCH,
-    INPUT_NAME,
-    Case,
-    digits_case,
-    ort_quantize_static,
-    quiet,
-    torch_fx_int8,
-)
+from benchmarks.ptq_models import pnet_targets, train_mobilenet, train_pnet  # noqa: E402
+from benchmarks._common import INPUT_NAME, progress, quiet, work_folder  # noqa: E402
+from benchmarks.quantization import CALIBRATION_BATCH, Case, _Batches, digits_case  # noqa: E402
 from effopt.hardware_profiles import load_profile  # noqa: E402
 from effopt.hardware_profiles.host import cpu_name, host_int8_weight_bits  # noqa: E402
 from effopt.optimizer.emit.onnx import export_onnx  # noqa: E402
 from effopt.optimizer.measure.runtime import open_session  # noqa: E402
 
-REFERENCES = ("torch FX int8 (x86)", "ORT quantize_static", "ORT quantize_static, reduce_range")
+# -- the cases -------------------------------------------------------------------------------------
 
 
-# -- the MobileNetV2-style model ---------------------------------------------------------------------
-
-
-class InvertedResidual(nn.Module):
-    """1×1 expand-BN-ReLU (when t > 1), 3×3 depthwise-BN-ReLU, 1×1 project-BN; + input when shapes match."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expansion: int) -> None:
-        super().__init__()
-        hidden = cin * expansion
-        layers: list[nn.Module] = []
-        if expansion != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()]
-        layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        ]
-        self.block = nn.Sequential(*layers)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(x)
-        return x + y if self.residual else y
-
-
-class DigitsMobileNet(nn.Module):
-    """MobileNetV2's layout at digits size: ``[N, 1, 8, 8]`` → 10 logits.
-
-    stem 3×3 (1→16) → IR(16→16, t1) → IR(16→24, s2, t4) → IR(24→24, t4) → IR(24→32, s2, t4)
-    → IR(32→32, t4) → 1×1 (32→128) → global average pool → linear (128→10).
-    """
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            InvertedResidual(16, 16, 1, 1),
-            InvertedResidual(16, 24, 2, 4),
-            InvertedResidual(24, 24, 1, 4),
-            InvertedResidual(24, 32, 2, 4),
-            InvertedResidual(32, 32, 1, 4),
-            nn.Conv2d(32, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def train_mobilenet(epochs: int, seed: int = 0) -> tuple[DigitsMobileNet, float]:
-    """Adam, cosine schedule, batch 64, seeded weights and batch order; returns the model (eval) and test top-1."""
-    from torch.utils.data import DataLoader
-
+def _calibration(quick: bool) -> list[torch.Tensor]:
     from examples import digits
 
-    train, test = digits.train_dataset(seed), digits.eval_dataset(seed)
-    state = torch.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = DigitsMobileNet()
-        loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
-        model.train()
-        for _ in range(epochs):
-            for x, y in loader:
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-                sched.step()
-    finally:
-        torch.set_rng_state(state)
-    model.eval()
-    x, y = test.tensors
-    with torch.no_grad():
-        accuracy = float((model(x).argmax(1) == y).double().mean())
-    return model, accuracy
+    return list(digits.train_dataset(0).tensors[0][:64 if quick else 256].split(CALIBRATION_BATCH))
 
 
-def mobilenet_case(work: Path, quick: bool) -> Case:
+def trained_case(name: str, work: Path, quick: bool) -> Case:
+    """``mobilenet`` or ``pnet``, trained here; the recipe points at files in ``work``."""
     from examples import digits
 
     epochs = 8 if quick else 20
-    model, accuracy = train_mobilenet(epochs)
-    x_train = digits.train_dataset(0).tensors[0]
     x_test, y_test = digits.eval_dataset(0).tensors
-    calibration = list(x_train[:64 if quick else 256].split(CALIBRATION_BATCH))
+    calibration = _calibration(quick)
     work.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), work / "weights.pt")
     torch.save({INPUT_NAME: torch.cat(calibration)}, work / "calibration.pt")
+    if name == "mobilenet":
+        model, factory, labels = train_mobilenet(epochs), "benchmarks.ptq_models:DigitsMobileNet", y_test
+        eval_data = {"source": "sklearn-digits:test", "batch_size": 128}
+        with torch.no_grad():
+            accuracy = float((model(x_test).argmax(1) == labels).double().mean())
+        what = f"DigitsMobileNet, trained {epochs} epochs here (test top-1 {100 * accuracy:.1f}%)"
+    else:
+        model, factory = train_pnet(epochs), "benchmarks.ptq_models:DigitsPNet"
+        labels, box = pnet_targets(x_test, y_test)
+        torch.save({INPUT_NAME: x_test}, work / "eval.pt")                    # no labels: output-aware
+        eval_data = {"source": str(work / "eval.pt"), "batch_size": 128}
+        with torch.no_grad():
+            prob, pred = model(x_test)
+        accuracy = float((prob.flatten(1).argmax(1) == labels).double().mean())
+        box_err = float((pred.flatten(1) - box).abs().mean() * 8)
+        what = (f"DigitsPNet (PReLU, softmax head + box head), trained {epochs} epochs here (test top-1 "
+                f"{100 * accuracy:.1f}% on 'digit ≥ 5', box off by {box_err:.2f} px on average)")
+    torch.save(model.state_dict(), work / "weights.pt")
     params = sum(p.numel() for p in model.parameters())
     return Case(
-        name="mobilenet",
-        model=model,
-        input_shape=(1, 8, 8),
-        calibration=calibration,
-        eval_inputs=x_test,
-        eval_labels=y_test,
-        recipe_model={"factory": "benchmarks.ptq:DigitsMobileNet", "weights": str(work / "weights.pt"),
-                      "pythonpath": [str(ROOT)]},
-        recipe_data={
-            "calibration": {"source": str(work / "calibration.pt"), "batch_size": CALIBRATION_BATCH},
-            "eval": {"source": "sklearn-digits:test", "batch_size": 128},
-        },
-        description=f"DigitsMobileNet ({params / 1e3:.0f} k params), trained {epochs} epochs here "
-                    f"(test top-1 {100 * accuracy:.1f}%)",
+        name=name, model=model, input_shape=(1, 8, 8), calibration=calibration, eval_inputs=x_test,
+        eval_labels=labels,
+        recipe_model={"factory": factory, "weights": str(work / "weights.pt"), "pythonpath": [str(ROOT)]},
+        recipe_data={"calibration": {"source": str(work / "calibration.pt"), "batch_size": CALIBRATION_BATCH},
+                     "eval": eval_data},
+        description=f"{what}, {params / 1e3:.0f} k params",
     )
-
-
-# -- rows ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    name: str
-    logits: torch.Tensor | None = None
-    note: str | None = None
-    quality: dict[str, float] = field(default_factory=dict)
-
-
-def _ort_logits(path: Path, inputs: torch.Tensor) -> torch.Tensor:
-    session = open_session(path, 1)
-    name = session.get_inputs()[0].name
-    return torch.cat([torch.from_numpy(np.asarray(session.run(None, {name: x.contiguous().numpy()})[0]))
-                      for x in inputs.split(128)]).float()
-
-
-def effopt_row(case: Case, work: Path, label: str, options: dict) -> Row:
-    """Compile ``[fold_batchnorm, eliminate_dead_code, quantize{options}]`` for x86-avx2; score model.onnx."""
-    out = work / label.replace(" ", "_").replace("+", "p")
-    recipe = {
-        "version": 1,
-        "model": case.recipe_model,
-        "inputs": [{"name": INPUT_NAME, "shape": [1, *case.input_shape], "dtype": "float32", "range": [0, 1]}],
-        "target": "x86-avx2",
-        "passes": ["fold_batchnorm", "eliminate_dead_code", {"name": "quantize", **options}],
-        "data": {k: v for k, v in case.recipe_data.items() if k in ("calibration", "eval")},
-        "output": {"dir": str(out), "formats": ["onnx"]},
-    }
-    started = time.perf_counter()
-    with quiet():
-        result = effopt.compile(recipe, output_dir=out)
-    quant = result.report.passes[-1].result
-    took = time.perf_counter() - started
-    stats = {k: int(v) for k, v in quant.stats.items() if k in ("equalized_pairs", "bias_corrected_layers",
-                                                                "adarounded_layers")}
-    note = f"compile {took:.0f} s" + (f"; {', '.join(f'{k} {v}' for k, v in stats.items())}" if stats else "")
-    return Row(label, _ort_logits(out / "model.onnx", scoring_inputs(case)), note)
-
-
-def ort_reduce_range(case: Case, float_onnx: Path, work: Path) -> Path:
-    """onnxruntime's recipe with ``reduce_range=True`` (7-bit weights): what its docs advise for CPUs without VNNI,
-    where u8×s8 products are added in pairs into a saturating int16 (the same limit effopt's x86-avx2 profile has)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    from benchmarks.quantization import _Batches
-
-    pre, out = work / "ort_pre_rr.onnx", work / "ort_int8_rr.onnx"
-    with quiet():
-        quant_pre_process(str(float_onnx), str(pre))
-        quantize_static(str(pre), str(out), _Batches(case.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
-    return out
-
-
-def reference_rows(case: Case, work: Path) -> list[Row]:
-    rows = []
-    try:
-        fx = torch_fx_int8(case)
-        with torch.no_grad():
-            rows.append(Row("torch FX int8 (x86)", torch.cat([fx.runner(x) for x in scoring_inputs(case).split(128)])))
-    except Exception as e:  # a tool's failure is a result to report
-        rows.append(Row("torch FX int8 (x86)", note=f"failed: {type(e).__name__}: {e}"))
-    float_onnx = export_onnx(case.model, (case.example(1),), [INPUT_NAME], [True], work / "float.onnx")
-    try:
-        ort_int8 = ort_quantize_static(case, float_onnx, work, 1)
-        assert ort_int8.onnx_path is not None
-        rows.append(Row("ORT quantize_static", _ort_logits(ort_int8.onnx_path, scoring_inputs(case))))
-    except Exception as e:  # a tool's failure is a result to report
-        rows.append(Row("ORT quantize_static", note=f"failed: {type(e).__name__}: {e}"))
-    try:
-        rows.append(Row("ORT quantize_static, reduce_range", _ort_logits(ort_reduce_range(case, float_onnx, work),
-                                                                          scoring_inputs(case))))
-    except Exception as e:  # a tool's failure is a result to report
-        rows.append(Row("ORT quantize_static, reduce_range", note=f"failed: {type(e).__name__}: {e}"))
-    return [Row("float", _ort_logits(float_onnx, scoring_inputs(case))), *rows]
-
-
-def effopt_rows(case: Case, work: Path, adaround_iterations: int) -> list[Row]:
-    plain = {"equalize": False, "bias_correction": False}
-    settings = [
-        ("effopt nearest", plain),
-        ("effopt +CLE", {**plain, "equalize": True}),
-        ("effopt +CLE +bias corr.", {"equalize": True, "bias_correction": True}),
-        ("effopt +CLE +BC +AdaRound", {"equalize": True, "bias_correction": True,
-                                       "adaround": {"iterations": adaround_iterations}}),
-        ("effopt +BC +AdaRound", {"equalize": False, "bias_correction": True,
-                                  "adaround": {"iterations": adaround_iterations}}),
-        ("effopt defaults (auto)", {}),
-    ]
-    rows = []
-    for label, options in settings:
-        _progress(f"  {label}")
-        try:
-            rows.append(effopt_row(case, work, label, options))
-        except Exception as e:  # a failure is a row that says how
-            rows.append(Row(label, note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-    return rows
-
-
-def w4_rows(case: Case, work: Path, adaround_iterations: int) -> list[Row]:
-    """4-bit weights (8-bit activations), effopt only: where rounding decides most, and what each step buys.
-
-    Neither reference quantizes conv weights to 4 bits here (torch FX's x86 backend has no 4-bit
-    kernels; onnxruntime's ``QInt4`` covers MatMul/Gather only), so this table has no reference rows.
-    """
-    ada = {"adaround": {"iterations": adaround_iterations}}
-    settings = [
-        ("effopt W4 nearest", {"equalize": False, "bias_correction": False}),
-        ("effopt W4 +bias corr.", {"equalize": False, "bias_correction": True}),
-        ("effopt W4 +AdaRound", {"equalize": False, "bias_correction": False, **ada}),
-        ("effopt W4 +AdaRound +BC", {"equalize": False, "bias_correction": True, **ada}),
-        ("effopt W4 +CLE +AdaRound +BC", {"equalize": True, "bias_correction": True, **ada}),
-        ("effopt W4 defaults (auto)", {}),
-    ]
-    rows = []
-    for label, options in settings:
-        _progress(f"  {label}")
-        try:
-            rows.append(effopt_row(case, work, label, {"bits": 4, **options}))
-        except Exception as e:  # a failure is a row that says how
-            rows.append(Row(label, note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-    return rows
-
-
-def score(case: Case, rows: list[Row]) -> None:
-    """Top-1 on the test images; agreement and output error on every image no tool calibrated on.
-
-    ``Row.logits`` hold the test images first, then the training images after the calibration ones
-    (`scoring_inputs`): 450 + 1091 = 1541 images with the full calibration set, so one flipped
-    decision is 0.06 points of agreement rather than 0.22.
-    """
-    reference = rows[0].logits
-    assert reference is not None and case.eval_labels is not None
-    n_test = len(case.eval_labels)
-    for r in rows:
-        if r.logits is None:
-            continue
-        d = (r.logits.double() - reference.double()).pow(2).sum() / reference.double().pow(2).sum()
-        r.quality = {
-            "top1": float((r.logits[:n_test].argmax(1) == case.eval_labels).double().mean()),
-            "agreement": float((r.logits.argmax(1) == reference.argmax(1)).double().mean()),
-            "flips": float((r.logits.argmax(1) != reference.argmax(1)).sum()),
-            "rel_error": float(d),
-        }
 
 
 def scoring_inputs(case: Case) -> torch.Tensor:
@@ -351,11 +130,276 @@ def scoring_inputs(case: Case) -> torch.Tensor:
     return torch.cat([case.eval_inputs, x_train[used:]])
 
 
-def table(case: Case, rows: list[Row], title: str | None = None) -> str:
+# -- rows ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    outputs: list[torch.Tensor] | None = None   # every head, over `scoring_inputs`
+    note: str | None = None
+    reference: bool = False
+    quality: dict[str, float] = field(default_factory=dict)
+    flipped: torch.Tensor | None = None          # bool per scored image
+
+
+def _ort_outputs(path: Path, inputs: torch.Tensor) -> list[torch.Tensor]:
+    session = open_session(path, 1)
+    name = session.get_inputs()[0].name
+    chunks = [session.run(None, {name: x.contiguous().numpy()}) for x in inputs.split(128)]
+    return [torch.cat([torch.from_numpy(np.asarray(c[i])) for c in chunks]).float() for i in range(len(chunks[0]))]
+
+
+def _attempt(name: str, build: Callable[[], list[torch.Tensor]], reference: bool = False, note: str | None = None
+             ) -> Row:
+    """A row, or a row that says how its tool failed (a tool's failure is a result to report)."""
+    progress(f"  {name}")
+    try:
+        return Row(name, build(), note, reference)
+    except Exception as e:  # noqa: BLE001
+        return Row(name, note=f"failed: {type(e).__name__}: {str(e)[:200]}", reference=reference)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One way of quantizing, applied the same way by every tool: see the module docstring's table."""
+
+    name: str
+    title: str
+    effopt: dict                                  # options every effopt row of the regime adds
+    fx_weight: Callable[[], object] | None        # torch FX weight observer (None: the x86 default)
+    ort: dict                                     # quantize_static arguments, plus "int4" for the override
+    ort_label: str
+
+
+def _per_tensor_weight() -> object:
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+
+
+def _four_bit_weight() -> object:
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                              quant_min=-8, quant_max=7)
+
+
+REGIMES = {
+    "int8": Regime("int8", "int8, per-channel weights", {}, None, {"per_channel": True},
+                   "ORT quantize_static"),
+    "per_tensor": Regime("per_tensor", "int8, per-tensor weights (one scale per layer)", {"per_channel": False},
+                         _per_tensor_weight, {"per_channel": False, "reduce_range": True},
+                         "ORT quantize_static per-tensor, reduce_range"),
+    "w4": Regime("w4", "4-bit per-channel weights, 8-bit activations", {"bits": 4}, _four_bit_weight,
+                 {"per_channel": True, "int4": True}, "ORT quantize_static, QInt4 weights"),
+}
+
+
+def fx_outputs(case: Case, regime: Regime, inputs: torch.Tensor, reference_ops: bool) -> list[torch.Tensor]:
+    """torch.ao FX PTQ, x86 backend, its default qconfigs except for the regime's weight observer.
+
+    ``reference_ops``: ``convert_to_reference_fx`` instead of ``convert_fx``: the same quantization
+    choices, run as quantize → dequantize → float op. It is what FX's choices give with correct
+    kernels: torch 2.13's quantized PReLU multiplies positive inputs by a slope too
+    (``torch.ops.quantized.prelu`` of [-1, -0.5, 0.5, 1] with slope 0.25 gives
+    [-0.25, -0.13, 0.13, 0.26]), which breaks the native row of any PReLU model.
+    """
+    from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    mapping = get_default_qconfig_mapping("x86")
+    if regime.fx_weight is not None:
+        mapping.set_global(QConfig(activation=get_default_qconfig("x86").activation, weight=regime.fx_weight()))
+    with quiet():
+        prepared = prepare_fx(copy.deepcopy(case.model).eval(), mapping, (case.example(1),))
+        with torch.inference_mode():
+            for batch in case.calibration:
+                prepared(batch)
+            converted = (convert_to_reference_fx if reference_ops else convert_fx)(prepared)
+            outs = [converted(x) for x in inputs.split(128)]
+    return _heads(outs)
+
+
+def _heads(outs: list) -> list[torch.Tensor]:
+    """Per-batch model outputs (a tensor or a tuple of them) → one tensor per head."""
+    if isinstance(outs[0], torch.Tensor):
+        return [torch.cat(outs).float()]
+    return [torch.cat([o[i] for o in outs]).float() for i in range(len(outs[0]))]
+
+
+def _int4_overrides(model_path: Path) -> dict:
+    """TensorQuantOverrides putting every Conv/Gemm/MatMul weight initializer on int4, per output channel."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name for i in graph.initializer}
+    overrides = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            axis = 0 if node.op_type == "Conv" or trans_b else 1
+            overrides[node.input[1]] = [{"quant_type": QuantType.QInt4, "axis": axis}]
+    return overrides
+
+
+def ort_outputs(case: Case, float_onnx: Path, work: Path, tag: str, settings: dict,
+                inputs: torch.Tensor) -> list[torch.Tensor]:
+    """onnxruntime's ``quant_pre_process`` + ``quantize_static`` (QDQ, u8 activations, s8 weights, MinMax)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    pre, out = work / f"ort_pre_{tag}.onnx", work / f"ort_{tag}.onnx"
+    settings = dict(settings)
+    extra = {"TensorQuantOverrides": _int4_overrides(float_onnx)} if settings.pop("int4", False) else {}
+    with quiet():
+        quant_pre_process(str(float_onnx), str(pre))
+        quantize_static(str(pre), str(out), _Batches(case.calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options=extra,
+                        **settings)
+    return _ort_outputs(out, inputs)
+
+
+def reference_rows(case: Case, regime: Regime, float_onnx: Path, work: Path) -> list[Row]:
+    inputs = scoring_inputs(case)
+    fx_name = "torch FX (x86)" + ("" if regime.fx_weight is None else f", {regime.name} weights")
+    rows = [_attempt(fx_name, lambda: fx_outputs(case, regime, inputs, False), reference=True),
+            _attempt(f"{fx_name}, reference ops", lambda: fx_outputs(case, regime, inputs, True), reference=True),
+            _attempt(regime.ort_label, lambda: ort_outputs(case, float_onnx, work, regime.name, regime.ort, inputs),
+                     reference=True)]
+    if regime.name == "int8":
+        rows.append(_attempt("ORT quantize_static, reduce_range", reference=True, build=lambda: ort_outputs(
+            case, float_onnx, work, "int8_rr", {"per_channel": True, "reduce_range": True}, inputs)))
+    return rows
+
+
+EFFOPT_SETTINGS = (
+    ("nearest", {"equalize": False, "bias_correction": False}),
+    ("+CLE", {"equalize": True, "bias_correction": False}),
+    ("+CLE +BC", {"equalize": True, "bias_correction": True}),
+    ("+BC +AdaRound", {"equalize": False, "bias_correction": True, "adaround": True}),
+    ("+CLE +BC +AdaRound", {"equalize": True, "bias_correction": True, "adaround": True}),
+    ("defaults (auto)", {}),
+    ("auto +AdaRound", {"adaround": True}),
+)
+
+
+def effopt_row(case: Case, regime: Regime, work: Path, label: str, options: dict, iterations: int) -> Row:
+    """Compile ``[fold_batchnorm, eliminate_dead_code, quantize{options}]`` for x86-avx2; score model.onnx."""
+    options = {**regime.effopt, **options}
+    if options.get("adaround") is True:
+        options["adaround"] = {"iterations": iterations}
+    out = work / f"effopt_{regime.name}_{label.replace(' ', '_').replace('+', 'p').strip('()')}"
+    recipe = {
+        "version": 1,
+        "model": case.recipe_model,
+        "inputs": [{"name": INPUT_NAME, "shape": [1, *case.input_shape], "dtype": "float32", "range": [0, 1]}],
+        "target": "x86-avx2",
+        "passes": ["fold_batchnorm", "eliminate_dead_code", {"name": "quantize", **options}],
+        "data": {k: v for k, v in case.recipe_data.items() if k in ("calibration", "eval")},
+        "output": {"dir": str(out), "formats": ["onnx"]},
+    }
+
+    def build() -> list[torch.Tensor]:
+        started = time.perf_counter()
+        with quiet():
+            result = effopt.compile(recipe, output_dir=out)
+        stats = {k: int(v) for k, v in result.report.passes[-1].result.stats.items()
+                 if k in ("equalized_pairs", "bias_corrected_layers", "adarounded_layers")}
+        notes[label] = f"compile {time.perf_counter() - started:.0f} s" + "".join(f"; {k} {v}" for k, v in stats.items())
+        return _ort_outputs(out / "model.onnx", scoring_inputs(case))
+
+    notes: dict[str, str] = {}
+    row = _attempt(f"effopt {label}", build)
+    row.note = row.note or notes.get(label)
+    return row
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+def _decision_probs(head: torch.Tensor, is_prob: bool) -> torch.Tensor:
+    """The decision head as ``[N, classes]`` probabilities (a ``[N, 2, 1, 1]`` softmax map flattened)."""
+    flat = head.flatten(1) if head.dim() > 2 else head
+    return flat.double() if is_prob else torch.softmax(flat.double(), dim=1)
+
+
+def score(case: Case, rows: list[Row]) -> None:
+    """Fill ``Row.quality``: top-1 (test), decisions flipped, max Δp, relative error over all heads.
+
+    Decisions are taken on the first head (logits, or the PNet's softmax probabilities); row 0 is float.
+    """
+    is_prob = case.name == "pnet"
+    reference = rows[0].outputs
+    assert reference is not None and case.eval_labels is not None
+    p_ref = _decision_probs(reference[0], is_prob)
+    decision = p_ref.argmax(1)
+    n_test = len(case.eval_labels)
+    for r in rows:
+        if r.outputs is None:
+            continue
+        p = _decision_probs(r.outputs[0], is_prob)
+        num = sum(float((o.double() - f.double()).pow(2).sum()) for o, f in zip(r.outputs, reference, strict=True))
+        den = sum(float(f.double().pow(2).sum()) for f in reference)
+        r.flipped = p.argmax(1) != decision
+        r.quality = {
+            "top1": float((p[:n_test].argmax(1) == case.eval_labels).double().mean()),
+            "flips": float(r.flipped.sum()),
+            "max_dp": float((p.gather(1, decision[:, None]) - p_ref.gather(1, decision[:, None])).abs().max()),
+            "rel_error": num / den,
+        }
+
+
+def sign_test(only_ref: int, only_ours: int) -> float:
+    """One-sided sign test: P(at least ``only_ref`` of the discordant images go the reference's way by chance).
+
+    Example: the reference flips 9 images effopt keeps, effopt flips 1 the reference keeps →
+    P(X ≥ 9 | X ~ Binomial(10, ½)) = 11/1024 ≈ 0.011.
+    """
+    n = only_ref + only_ours
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(only_ref, n + 1)) / 2**n
+
+
+@dataclass
+class Verdict:
+    line: str
+    summary: tuple[str, ...]
+
+
+def target(rows: list[Row]) -> Verdict:
+    """effopt's best row (fewest flips, then lowest error) against each reference."""
+    scored = [r for r in rows if r.quality]
+    refs = [r for r in scored if r.reference]
+    ours = [r for r in scored if r.name.startswith("effopt")]
+    defaults = next((r for r in ours if r.name == "effopt defaults (auto)"), None)
+    if not refs or not ours:
+        return Verdict("target: not measurable (a row failed)", ())
+    best = min(ours, key=lambda r: (r.quality["flips"], r.quality["rel_error"]))
+    best_ref = min(refs, key=lambda r: (r.quality["flips"], r.quality["rel_error"]))
+    assert best.flipped is not None and best_ref.flipped is not None
+    only_ref = int((best_ref.flipped & ~best.flipped).sum())
+    only_ours = int((best.flipped & ~best_ref.flipped).sum())
+    flips, ref_flips = best.quality["flips"], best_ref.quality["flips"]
+    verdict = "met" if flips < ref_flips else ("tie" if flips == ref_flips else "NOT met")
+    p = sign_test(only_ref, only_ours)
+    line = (f"target (effopt's best flips fewer decisions than every reference): **{verdict}**: {best.name} "
+            f"{flips:.0f} flipped vs {best_ref.name} {ref_flips:.0f} (images only the reference flips / only "
+            f"effopt flips: {only_ref} / {only_ours}, sign test p = {p:.3g}); output error {best.quality['rel_error']:.2e}"
+            f" vs {best_ref.quality['rel_error']:.2e}; top-1 {100 * best.quality['top1']:.2f}% vs "
+            f"{100 * best_ref.quality['top1']:.2f}%")
+    d = defaults.quality if defaults else {}
+    summary = (f"{best_ref.name}: {ref_flips:.0f}", f"{best.name.removeprefix('effopt ')}: {flips:.0f}",
+               f"{d.get('flips', float('nan')):.0f}", f"{only_ref} / {only_ours}", f"{p:.2g}", verdict)
+    return Verdict(line, summary)
+
+
+def table(title: str, rows: list[Row]) -> str:
     base = rows[0].quality["top1"]
-    n = len(rows[0].logits) if rows[0].logits is not None else 0
-    lines = [title or f"### {case.name}: {case.description}", "",
-             f"| row | top-1 (test) | Δ top-1 (pt) | agreement with float ({n} images) | decisions flipped | "
+    n = len(rows[0].outputs[0]) if rows[0].outputs else 0
+    lines = [title, "", f"| row | top-1 (test) | Δ top-1 (pt) | decisions flipped (of {n}) | max Δp | "
              "rel. output error |", "|---|---:|---:|---:|---:|---:|"]
     notes = []
     for r in rows:
@@ -363,33 +407,11 @@ def table(case: Case, rows: list[Row], title: str | None = None) -> str:
             lines.append(f"| {r.name} | — | — | — | — | — |")
         else:
             q = r.quality
-            lines.append(f"| {r.name} | {100 * q['top1']:.2f}% | {100 * (q['top1'] - base):+.2f} | "
-                         f"{100 * q['agreement']:.2f}% | {q['flips']:.0f} | {q['rel_error']:.2e} |")
+            lines.append(f"| {r.name} | {100 * q['top1']:.2f}% | {100 * (q['top1'] - base):+.2f} | {q['flips']:.0f} | "
+                         f"{q['max_dp']:.3f} | {q['rel_error']:.2e} |")
         if r.note:
             notes.append(f"- {r.name}: {r.note}")
-    if any(r.name in REFERENCES for r in rows):
-        lines += ["", _target(rows)]
     return "\n".join(lines + ([""] + notes if notes else []))
-
-
-def _target(rows: list[Row]) -> str:
-    """Does effopt's best setting lose less accuracy than both references? (Ties said as ties.)"""
-    scored = [r for r in rows if r.quality]
-    refs = [r for r in scored if r.name in REFERENCES]
-    ours = [r for r in scored if r.name.startswith("effopt")]
-    if not refs or not ours:
-        return "target: not measurable (a row failed)"
-    best = max(ours, key=lambda r: (r.quality["top1"], r.quality["agreement"], -r.quality["rel_error"]))
-    best_ref = max(refs, key=lambda r: r.quality["top1"])
-    base = rows[0].quality["top1"]
-    drop, ref_drop = base - best.quality["top1"], base - best_ref.quality["top1"]
-    verdict = "met" if drop < ref_drop else ("tie on top-1" if drop == ref_drop else "NOT met")
-    best_err = min(r.quality["rel_error"] for r in refs)
-    flips = min(r.quality["flips"] for r in refs)
-    return (f"target (effopt's best loses less top-1 than every reference): {verdict}: {best.name} "
-            f"{100 * -drop:+.2f} pt vs float, {best_ref.name} {100 * -ref_drop:+.2f} pt (one test image is "
-            f"{100 / len(rows[0].logits[:450]):.2f} pt); decisions flipped {best.quality['flips']:.0f} vs the "
-            f"references' fewest {flips:.0f}; output error {best.quality['rel_error']:.2e} vs their lowest {best_err:.2e}")
 
 
 def header(quick: bool) -> str:
@@ -400,25 +422,37 @@ def header(quick: bool) -> str:
             f"one run" + (" | QUICK mode" if quick else ""))
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+MODELS = ("digits", "mobilenet", "pnet")
 
 
-MODELS = ("digits", "mobilenet")
-
-
-def run_model(name: str, work: Path, quick: bool) -> str:
+def run_model(name: str, regimes: Sequence[str], work: Path, quick: bool) -> tuple[str, list[tuple[str, ...]]]:
     started = time.perf_counter()
-    _progress(f"{name}: preparing")
-    case = digits_case(work / name, quick) if name == "digits" else mobilenet_case(work / name, quick)
+    progress(f"{name}: preparing")
+    work = work / name
+    case = digits_case(work, quick) if name == "digits" else trained_case(name, work, quick)
+    float_onnx = export_onnx(case.model, (case.example(1),), [INPUT_NAME], [True], work / "float.onnx")
+    float_row = Row("float", _ort_outputs(float_onnx, scoring_inputs(case)))
     iterations = 100 if quick else 300
-    rows = reference_rows(case, work / name)
-    rows += effopt_rows(case, work / name, iterations)
-    score(case, rows)
-    w4 = [rows[0], *w4_rows(case, work / name, iterations)]
-    score(case, w4)
-    _progress(f"{name}: done in {time.perf_counter() - started:.0f} s")
-    return table(case, rows) + "\n\n" + table(case, w4, f"#### {case.name}, 4-bit weights (effopt only)")
+    parts, summary = [f"### {case.name}: {case.description}"], []
+    for regime in (REGIMES[r] for r in regimes):
+        progress(f"{name}, {regime.name}")
+        rows = [float_row, *reference_rows(case, regime, float_onnx, work)]
+        rows += [effopt_row(case, regime, work, label, options, iterations) for label, options in EFFOPT_SETTINGS]
+        score(case, rows)
+        verdict = target(rows)
+        parts.append(table(f"#### {case.name}, {regime.title}", rows) + "\n\n" + verdict.line)
+        if verdict.summary:
+            summary.append((case.name, regime.name, *verdict.summary))
+    progress(f"{name}: done in {time.perf_counter() - started:.0f} s")
+    return "\n\n".join(parts), summary
+
+
+def summary_table(rows: list[tuple[str, ...]]) -> str:
+    lines = ["### Summary: decisions flipped against float", "",
+             "| model | regime | best reference | effopt best | effopt defaults | only ref / only effopt | "
+             "sign test p | target |", "|---|---|---|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,16 +461,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer training epochs, calibration images and AdaRound steps")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     parser.add_argument("--keep", type=Path, default=None, help="write artefacts here instead of a temp folder")
     args = parser.parse_args(argv)
     torch.backends.quantized.engine = "x86"
     started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effopt-ptq-")))
-        tables = [run_model(name, work, args.quick) for name in args.models]
+    with work_folder(args.keep, "effopt-ptq-") as work:
+        results = [run_model(name, args.regimes, work, args.quick) for name in args.models]
     print(header(args.quick))
     print()
-    print("\n\n".join(tables))
+    print(summary_table([s for _, summary in results for s in summary]))
+    print()
+    print("\n\n".join(text for text, _ in results))
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 
