@@ -189,12 +189,11 @@ class Quantize(Pass):
         if o.mode == "static":
             warnings += _accumulator_warnings(ir, rewrite, ctx)
         sens: list[LayerSensitivity] = []
+        decisions: _DecisionCheck | None = None
         if o.mixed_precision:
             assert float_model is not None
-            sens, kept = _mixed_precision(ir, rewrite, float_model, ctx, o)
+            sens, decisions = _mixed_precision(ir, rewrite, float_model, ctx, o)
             stats["promoted_by_sensitivity"] = float(sum(s.precision != f"{o.bits}-bit" for s in sens))
-            if kept is not None:
-                stats["decision_agreement"] = kept
             word = _float_word(ctx.profile)
             warnings += [
                 f"mixed precision: '{s.node}' sensitivity {s.sensitivity:.3g} ({word} would cost "
@@ -203,6 +202,8 @@ class Quantize(Pass):
             ]
         # AdaRound, bias correction: after mixed precision, so they fit the precision each layer ended with
         ptq.after_calibration(ir.gm, rewrite.layer_nodes, rewrite.layers, float_model)
+        if decisions is not None:  # what the finished model keeps (AdaRound and bias correction ran after the budget)
+            stats["decision_agreement"] = decisions.kept()
         if o.qat is not None:
             assert float_model is not None
             stats.update(_qat(ir, rewrite, float_model, ctx, o.qat))
@@ -450,11 +451,11 @@ def _set_enabled(quants: Iterable[FakeQuant], enabled: bool) -> None:
 
 
 def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassContext, o: QuantizeOptions
-                     ) -> tuple[list[LayerSensitivity], float | None]:
+                     ) -> tuple[list[LayerSensitivity], _DecisionCheck | None]:
     """Promote the most sensitive layers until the budget holds (`_budget_check`).
 
-    Returns every layer's sensitivity row and, with ``min_decision_agreement``, the decisions the
-    quantized model keeps in the end (worst head; None without that option or a decision head).
+    Returns every layer's sensitivity row and, with ``min_decision_agreement``, the check that
+    measures the decisions the quantized model keeps (None without that option).
     """
     batches = _calibration_batches(ctx, min(o.calibration_batches, 4))
     gm = ir.gm.eval()
@@ -482,7 +483,7 @@ def _mixed_precision(ir: IR, rw: _Rewrite, float_model: nn.Module, ctx: PassCont
                                        preferred_half_dtype(ctx.profile))
     rows = [LayerSensitivity(n.name, sens[n.name], cost.get(n.name, 0.0), promoted.get(n.name, f"{o.bits}-bit"),
                              outputs[n.name].decision_agreement) for n in rw.layer_nodes]
-    return rows, (decisions.kept() if decisions is not None else None)
+    return rows, decisions
 
 
 @dataclass(frozen=True)
