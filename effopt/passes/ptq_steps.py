@@ -28,6 +28,7 @@ Example row (the digits CNN with the defaults; errors are ‖ŷ − y‖² / ‖
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class PtqSettings:
     observer: str
     calibration_batches: int
     keep_float: tuple[str, ...] = ()
+    adaround_auto: bool = False  # ``adaround: auto`` at < 8 bits: layers within `AUTO_ADAROUND_FLOPS`, static, with data
 
 
 def _state(value: Toggle, mode: str, has_data: bool) -> Literal["off", "auto", "on"]:
@@ -142,7 +144,8 @@ class PtqSteps:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self._explicit = s.equalize is True or s.bias_correction is True or s.adaround is not None
+        self._explicit = s.equalize is True or s.bias_correction is True or (s.adaround is not None
+                                                                              and not s.adaround_auto)
 
     # -- data -------------------------------------------------------------------------------------
     @property
@@ -159,7 +162,7 @@ class PtqSteps:
     def needs_float_model(self) -> bool:
         """AdaRound's targets are the float model's layer outputs: the pass keeps a float copy for it."""
         s = self.settings
-        return s.adaround is not None and self.has_data
+        return s.adaround is not None and self.has_data and (not s.adaround_auto or s.mode == "static")
 
     def _row(self, layer: str) -> dict[str, Any]:
         return self.rows.setdefault(layer, {})
@@ -252,7 +255,9 @@ class PtqSteps:
         active = [(n, q) for n, q in zip(layer_nodes, layers) if q.weight_quant.calibrated and q.weight_quant.enabled]
         layer_nodes, layers = [n for n, _ in active], [q for _, q in active]
         state = _state(self.settings.bias_correction, self.settings.mode, self.has_data)
-        if self.settings.adaround is not None:
+        if self.settings.adaround_auto and not self.needs_float_model:
+            pass  # auto: nothing to learn from (no calibration data, or weights only)
+        elif self.settings.adaround is not None:
             if not self.has_data or float_model is None:
                 raise PassError("quantize adaround: needs calibration data (a few hundred samples): add "
                                 "data.calibration to the recipe, or set adaround: false")
@@ -308,6 +313,8 @@ class PtqSteps:
         would undo what AdaRound learned about its inputs' error). Returns the layers refitted so.
         """
         refit: set[str] = set()
+        budget = AUTO_ADAROUND_FLOPS if self.settings.adaround_auto else math.inf
+        over_budget: list[str] = []
         seed = o.seed if o.seed is not None else self.ctx.seed
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
@@ -324,6 +331,12 @@ class PtqSteps:
                                      "the remaining layers keep nearest rounding and the result depends on this "
                                      "machine's speed (raise adaround.time_budget_s)")
                 break
+            cost = adaround_cost(layer, o.iterations)
+            if cost > budget:
+                over_budget.append(n.name)
+                self._row(n.name).update({"adaround": "off (auto: over its compute budget)"})
+                continue
+            budget -= cost
             inputs, targets = _layer_samples(gm, layer, float_model, float_model.get_submodule(str(n.target)),
                                              self.batches, o.samples)
             if inputs is None or targets is None:
@@ -349,7 +362,12 @@ class PtqSteps:
                                               "bias_correction": "on (AdaRound's data)" if on else "off"})
                     refit.add(n.name)
                     self.stats["bias_corrected_layers"] = self.stats.get("bias_corrected_layers", 0.0) + on
-        self.stats["adarounded_layers"] = float(rounded)
+        if rounded or not self.settings.adaround_auto:
+            self.stats["adarounded_layers"] = float(rounded)
+        if over_budget and rounded:
+            self.warnings.append(f"adaround: auto rounded {rounded} layer(s) within its compute budget and left "
+                                 f"{len(over_budget)} at nearest rounding ({', '.join(over_budget)}); "
+                                 "adaround: true rounds every layer")
         return refit
 
     # -- the report -------------------------------------------------------------------------------
@@ -422,6 +440,28 @@ def _has_path(model: nn.Module, n: fx.Node) -> bool:
 #: a layer whose Gram matrices hold at most this many values (groups · d²) is optimised on all rows at once
 GRAM_LIMIT = 4 * 2**20
 
+#: ``adaround: auto``'s compute budget for a whole model, in (estimated) floating-point operations.
+#: 3e10 is a few seconds on two CPU cores: every layer of the digits CNN, an MTCNN stage or a small
+#: MobileNet fits; a ResNet-18 gets its cheap early layers. Counted, not timed, so output is deterministic.
+AUTO_ADAROUND_FLOPS = 3e10
+
+#: What one Adam step costs beyond its arithmetic (a dozen small torch ops), as FLOPs at CPU speed.
+STEP_OVERHEAD_FLOPS = 2e6
+
+
+def adaround_cost(layer: QuantConv | QuantLinear, iterations: int) -> float:
+    """Estimated FLOPs of AdaRound on ``layer``: ``iterations`` × (2·out·d² + overhead) on the exact
+    (Gram) objective, infinite where the Gram matrices would not fit (`GRAM_LIMIT`: minibatches, slow).
+
+    Example: a 3×3 conv 32 → 64 (d = 288, out = 64) at 300 steps: 300 × (2·64·288² + 2e6) ≈ 3.8e9.
+    """
+    inner = layer.conv if isinstance(layer, QuantConv) else layer.linear
+    weight = inner.weight
+    d, out, groups = weight[0].numel(), weight.shape[0], getattr(inner, "groups", 1)
+    if groups * d * d > GRAM_LIMIT:
+        return math.inf
+    return iterations * (2.0 * out * d * d + STEP_OVERHEAD_FLOPS)
+
 
 def _adaround_objective(inner: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
                         generator: torch.Generator) -> GramObjective | SampledObjective:
@@ -485,13 +525,18 @@ def _layer_samples(gm: nn.Module, layer: nn.Module, reference: nn.Module, float_
 
 
 def ptq_settings(options: Any, weight_scheme: QScheme) -> PtqSettings:
-    """The settings of a `QuantizeOptions` (``adaround: true`` means the default `AdaRoundOptions`)."""
+    """The settings of a `QuantizeOptions` (``adaround: true`` / ``auto`` mean the default `AdaRoundOptions`)."""
     adaround = options.adaround
-    if adaround is True:
+    # auto: 4- and 2-bit weights only (there nearest rounding costs the most: benchmarks/ptq.py measures 5-10×
+    # less output error and 2-4× fewer flipped decisions at 4 bits, a tie on decisions at 8 bits for ~20× the
+    # quantize time; 8 bits capped to 7 by a target count as 8), and not before QAT, which trains the weights
+    auto = adaround == "auto" and getattr(options, "qat", None) is None and getattr(options, "bits", 8) <= 4
+    if adaround is True or auto:
         adaround = AdaRoundOptions()
     return PtqSettings(
         equalize=options.equalize, bias_correction=options.bias_correction,
         adaround=adaround if isinstance(adaround, AdaRoundOptions) else None, mode=options.mode,
         weight_scheme=weight_scheme, weight_observer=options.weight_observer, observer=options.observer,
         calibration_batches=options.calibration_batches, keep_float=tuple(options.keep_float),
+        adaround_auto=auto,
     )

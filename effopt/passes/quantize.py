@@ -106,8 +106,11 @@ class QuantizeOptions(PassOptions):
                              "auto: per pair where it lowers the measured error (static mode), see docs/ptq.md")
     bias_correction: Toggle = Field("auto", description="fold each layer's expected output shift into its bias; "
                                     "auto: per layer where it lowers the held-out error (static mode)")
-    adaround: AdaRoundOptions | bool = Field(False, description="learn each weight's rounding direction (AdaRound) "
-                                             "on calibration data; true for the defaults")
+    adaround: AdaRoundOptions | Toggle = Field(
+        "auto", description="learn each weight's rounding direction (AdaRound) on calibration data; auto: with "
+        "weights below 8 bits, on the layers that fit a fixed compute budget (small models: all), kept per layer "
+        "where it beats nearest; true: every layer, any bit width"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeOptions:

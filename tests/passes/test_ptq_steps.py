@@ -130,3 +130,45 @@ def test_auto_that_keeps_nothing_leaves_the_result_as_before() -> None:
     assert dict(ra.result.stats) == dict(rb.result.stats)
     x = torch.randn(4, 8, generator=g)
     assert torch.equal(a.gm(x), b.gm(x))
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
+
+
+def _quantize_small_cnn(**options: object) -> tuple[dict[str, dict], dict[str, float], tuple[str, ...]]:
+    train = DataSource("sklearn-digits:train", sklearn_digits("train"), 64, True)
+    ctx = PassContext(profile=host_kernel_context().profile, calibration=train)
+    spec = {"name": "quantize", "equalize": False, "bias_correction": False, "calibration_batches": 2, **options}
+    _, (record,) = run_passes(build_ir(_small_cnn(), (1, 1, 8, 8)), recipe_passes(spec), ctx)
+    r = record.result
+    return {row["layer"]: row for row in r.details}, r.stats, r.warnings
+
+
+def test_adaround_auto_rounds_4_bit_weights_and_leaves_8_bit_alone() -> None:
+    """The default ``adaround: auto`` learns the rounding at 4 bits (kept where it beats nearest) and does
+    not run at 8 bits, where it costs seconds for a gain benchmarks/ptq.py cannot tell from noise."""
+    rows, stats, _ = _quantize_small_cnn(bits=4)
+    assert stats["adarounded_layers"] >= 1
+    assert all(r["adaround_error_on"] <= r["adaround_error_off"] for r in rows.values() if r["adaround"] == "on")
+    rows8, stats8, _ = _quantize_small_cnn()
+    assert "adarounded_layers" not in stats8 and not rows8  # nothing ran, nothing reported
+
+
+def test_adaround_auto_stops_at_its_compute_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers whose estimated cost no longer fits the budget keep nearest rounding, with a row and a note."""
+    import effopt.passes.ptq_steps as steps
+
+    conv = QuantConv(nn.Conv2d(32, 64, 3))
+    assert steps.adaround_cost(conv, 300) == pytest.approx(300 * (2 * 64 * 288**2 + steps.STEP_OVERHEAD_FLOPS))
+    wide = QuantLinear(nn.Linear(4096, 8))  # 4096² Gram values > GRAM_LIMIT: never within auto's budget
+    assert steps.adaround_cost(wide, 1) == float("inf")
+    first_two = steps.adaround_cost(QuantConv(nn.Conv2d(1, 8, 3)), 300) + steps.adaround_cost(
+        QuantConv(nn.Conv2d(8, 16, 3)), 300)
+    monkeypatch.setattr(steps, "AUTO_ADAROUND_FLOPS", first_two * 1.01)  # the linear (d = 1024) no longer fits
+    rows, stats, warnings = _quantize_small_cnn(bits=4)
+    last = list(rows)[-1]
+    assert rows[last]["adaround"] == "off (auto: over its compute budget)"
+    assert any(f"({last})" in w and "adaround: true" in w for w in warnings)

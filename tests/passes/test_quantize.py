@@ -249,7 +249,8 @@ def test_int8_ptq_on_real_digits_stays_within_half_a_point() -> None:
 def test_qat_at_4_bits_recovers_what_4_bit_ptq_lost() -> None:
     model, ctx, eval_src = _digits_ctx()
     float_acc = _accuracy(model, eval_src)
-    plain = {"name": "quantize", "bits": 4, "equalize": False, "bias_correction": False}  # nearest rounding only
+    plain = {"name": "quantize", "bits": 4, "equalize": False, "bias_correction": False,
+             "adaround": False}  # nearest rounding only
     ptq4, _ = run_passes(_digits_ir(copy.deepcopy(model)), passes("fold_batchnorm", plain), ctx)
     qat4, (_, rec) = run_passes(
         _digits_ir(copy.deepcopy(model)),
