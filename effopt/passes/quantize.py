@@ -47,13 +47,16 @@ from effopt.optimizer.ir.lift import LiftResult, lift_functional_layers
 from effopt.passes.base import Pass, PassContext, PassOptions, PassResult, Skip
 from effopt.passes.ptq_steps import AdaRoundOptions, PtqSteps, Toggle, ptq_settings
 from effopt.optimizer.quant.contract import (
+    INTEGER_ACTIVATION_KINDS,
     PASS_THROUGH_KINDS,
     REQUANTIZED_KINDS,
     SPLIT_KINDS,
     TIED_QPARAMS_KINDS,
     WEIGHTED_KINDS,
     activation_after,
+    integer_activation_refusal,
     quantizer_node,
+    softmax_output_qparams,
 )
 from effopt.optimizer.quant.dynamic import DynamicInput
 from effopt.optimizer.quant.sensitivity import OutputSensitivity, decision_axes, measure_outputs
@@ -174,7 +177,7 @@ class Quantize(Pass):
         ptq = PtqSteps(ptq_settings(o, weight_scheme(o)), ctx)
         ptq.equalize(ir)  # before the float copy and calibration: exact in float
         float_model = copy.deepcopy(ir.gm) if (o.qat or o.mixed_precision or ptq.needs_float_model) else None
-        rewrite = _Rewrite(ir, o, lift)
+        rewrite = _Rewrite(ir, o, lift, integer_only=bool(getattr(ctx.profile, "integer_only", False)))
         rewrite.apply()
         stats: dict[str, float] = {"quantized_layers": float(len(rewrite.layers))}
         if lift.lifted:
@@ -186,6 +189,9 @@ class Quantize(Pass):
             _calibrate_activations(ir.gm, rewrite.activation_quants, batches, o.observer)
             for fq, source in rewrite.tied:
                 fq.set_qparams(source.scale.detach(), source.zero_point)
+            for fq in rewrite.fixed:  # contract rule 7: a softmax output is on the fixed 1/256 grid
+                scale, zero = softmax_output_qparams(fq.scheme.qmin)
+                fq.set_qparams(torch.tensor(scale), torch.tensor(zero))
             stats["fake_quant_nodes"] = float(len(rewrite.activation_quants))
         for layer in rewrite.layers:
             _calibrate_weight(layer, o.weight_observer)
@@ -225,7 +231,10 @@ class Quantize(Pass):
 class _Rewrite:
     """Turns a float graph into one that follows the quantized-graph contract (guard, then edit)."""
 
-    def __init__(self, ir: IR, options: QuantizeOptions, lift: LiftResult | None = None) -> None:
+    def __init__(self, ir: IR, options: QuantizeOptions, lift: LiftResult | None = None,
+                 integer_only: bool = False) -> None:
+        self.integer_only = integer_only  # contract rule 7: prelu/softmax become integer sites
+        self.fixed: list[FakeQuant] = []  # softmax outputs' quantizers (fixed qparams, not calibrated)
         self.ir = ir
         self.o = options
         self.old_names = dict(lift.old_names) if lift is not None else {}  # lifted node → its name before lifting
@@ -266,6 +275,8 @@ class _Rewrite:
                     self.quantized[n] = n
             elif kind in TIED_QPARAMS_KINDS and self.o.mode == "static":
                 self._tied(n)
+            elif kind in INTEGER_ACTIVATION_KINDS and self.o.mode == "static" and self.integer_only:
+                self._integer_activation(n, kind)
         self.ir.lint().recompile()
 
     # guards -----------------------------------------------------------------------------------
@@ -316,6 +327,20 @@ class _Rewrite:
         self.groups[n.name] = []
         self._quantize_inputs(n)
         self._quantize_output(n)
+        self.changed.append(n.name)
+
+    def _integer_activation(self, n: fx.Node, kind: str) -> None:
+        """Contract rule 7 on an int-only target: quantize the input (not an F.prelu's slope) and the output."""
+        ndim = len(facts(n).inputs[0].shape) if has_facts(n) and facts(n).inputs else 0
+        why = integer_activation_refusal(n, self.gm, ndim)
+        if why is not None:
+            self.skipped.append(Skip(n.name, f"stays float, so the int-only target cannot run it: {kind} {why}"))
+            return
+        self.groups[n.name] = []
+        self._quantize_inputs(n)
+        self._quantize_output(n)
+        if kind == "softmax":
+            self.fixed.append(self._fake_quant_of(self.quantized[activation_after(n, self.gm) or n]))
         self.changed.append(n.name)
 
     def _tied(self, n: fx.Node) -> None:
@@ -598,7 +623,8 @@ def _qat(ir: IR, rw: _Rewrite, teacher: nn.Module, ctx: PassContext, qat: QatOpt
         raise PassError("quantize qat: needs training data for the fine-tuning service: add data.train to the recipe")
     if qat.learnable_scales:
         for fq in rw.activation_quants:
-            fq.make_learnable()
+            if not any(fq is fixed for fixed in rw.fixed):  # a softmax output keeps its 1/256 grid
+                fq.make_learnable()
         for layer in rw.layers:
             layer.weight_quant.make_learnable()
     # the service lays qat's explicit fields over the recipe's finetune: block (with_defaults), so

@@ -40,6 +40,14 @@ _LINE_WIDTH = 100
 _C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t"}
 _ARRAY_NAMES = {"weight": "weights"}
 _SKIP_FIELDS = {"name", "input", "output", "inputs"}
+# How the kernel of a layer kind that the header's opening comment does not cover reads its fields.
+_FORMULAS = {
+    "prelu": ["acc = (x - INPUT_ZERO) << LEFT_SHIFT; y = MBQM(acc, POS_MULTIPLIER, POS_SHIFT) where x >= INPUT_ZERO,",
+              "else MBQM(acc, neg_multiplier[c], neg_shift[c]) (a negative multiplier m: MBQM(-acc, -m, shift));",
+              "y = clamp(y + OUTPUT_ZERO, ACT_MIN, ACT_MAX); c is the channel (axis 1; one entry: shared)"],
+    "softmax": ["along AXIS: e = exp_table[max(x) - x] (2^TABLE_BITS * exp(-s_in * d)); sum = sum(e) (int32);",
+                "y = clamp((2 * INV_SCALE * e + sum) / (2 * sum) + OUTPUT_ZERO, ACT_MIN, ACT_MAX)"],
+}
 
 
 def c_identifier(text: str) -> str:
@@ -196,6 +204,7 @@ def write_c_header(program: IntegerProgram, name: str) -> str:
     out.append("")
     for i, (lid, op) in enumerate(zip(layer_ids, program.ops)):
         out.append(f"/* layer {i} '{op.name}' ({op.kind}): {', '.join(_op_inputs(op))} -> {op.output} */")
+        out += [f"/*   {line} */" for line in _FORMULAS.get(op.kind, [])]
         macro = f"{upper}_{lid.upper()}"
         arrays: list[str] = []
         for f in dataclasses.fields(op):

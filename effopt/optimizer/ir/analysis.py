@@ -397,9 +397,11 @@ CLAMP_ACTIVATIONS: frozenset[str] = frozenset({"relu", "relu6", "hardtanh", "cla
 clamp [min, max]. Clamping commutes with rounding to a grid, so integer kernels fold them into the op
 before them (the contract's fused activations)."""
 
-STORAGE_PRESERVING: frozenset[str] = frozenset((_VIEWS - {"quantize"}) | {"max_pool", "adaptive_max_pool"})
+STORAGE_PRESERVING: frozenset[str] = frozenset(
+    (_VIEWS - {"quantize"}) | {"max_pool", "adaptive_max_pool", "contiguous"}
+)
 """Kinds whose output is stored like their first input: views pick or re-view elements, max pools
-pick one of them; neither computes a new value. E.g. a flatten of uint8 codes is uint8 codes."""
+pick one of them, contiguous copies them; none computes a new value. E.g. a flatten of uint8 codes is uint8 codes."""
 
 
 def clamp_after(n: fx.Node, gm: fx.GraphModule) -> fx.Node | None:

@@ -25,6 +25,12 @@ kinds (`effopt.optimizer.ir.analysis.canonical_op`):
    copied from the input's (*tied*).
 6. Every other kind (`role` ``"float"``) computes in float on dequantized inputs; if its result
    feeds a quantized op, a FakeQuant sits between them (rule 1).
+7. ``INTEGER_ACTIVATION_KINDS`` (prelu, softmax over the channel dim) are float ops under rule 6
+   for every runtime with float kernels; for an int-only target the pass also quantizes their
+   input and output, a site like rule 3, which the integer program runs with integer kernels
+   (`effopt.optimizer.lower.integer.activations`). A softmax output's FakeQuant is fixed, not
+   calibrated: scale 1/256 from the real value 0 (`softmax_output_qparams`), as TFLite's int8
+   softmax writes it. `integer_activation_refusal` says why one cannot be made integer.
 
 How each runtime reads the kinds that used to be disputed (measurements: docs/quantization.md):
 
@@ -58,6 +64,8 @@ __all__ = [
     "PASS_THROUGH_KINDS",
     "QPARAMS_FOLLOW_INPUT",
     "REQUANTIZED_KINDS",
+    "INTEGER_ACTIVATION_KINDS",
+    "SOFTMAX_OUTPUT_SCALE",
     "SPLIT_KINDS",
     "TIED_QPARAMS_KINDS",
     "WEIGHTED_KINDS",
@@ -68,10 +76,13 @@ __all__ = [
     "activation_after",
     "activation_bounds",
     "call_arg",
+    "integer_activation_refusal",
     "is_fake_quant",
     "match_site",
     "quantizer_node",
     "role",
+    "softmax_dim",
+    "softmax_output_qparams",
 ]
 
 WEIGHTED_KINDS: frozenset[str] = frozenset({"conv", "linear"})
@@ -98,6 +109,12 @@ TIED_QPARAMS_KINDS: frozenset[str] = frozenset({"getitem", "interpolate"})
 QPARAMS_FOLLOW_INPUT: frozenset[str] = PASS_THROUGH_KINDS | TIED_QPARAMS_KINDS
 """Kinds whose output, computed on the input's codes, is on the input's grid (rules 4-5): what a
 runtime with integer tensors (torch's quint8, the integer program) runs directly on the codes."""
+
+INTEGER_ACTIVATION_KINDS: frozenset[str] = frozenset({"prelu", "softmax"})
+"""Rule 7: float ops elsewhere, integer sites on int-only targets (see `integer_activation_refusal`)."""
+
+SOFTMAX_OUTPUT_SCALE = 1.0 / 256.0
+"""Rule 7: a softmax output's scale; probabilities [0, 1) in 256 steps (1.0 itself saturates to the top code)."""
 
 Role = Literal["weighted", "requantized", "fused_activation", "pass_through", "split", "tied", "float"]
 
@@ -272,3 +289,62 @@ def match_site(op: fx.Node, gm: fx.GraphModule) -> Site | Mismatch:
         return Mismatch(op, kind, f"result is requantized by more than one FakeQuant: {_ONE_FAKE_QUANT}")
     (quant,) = users
     return Site(op, activation, bounds, quant, gm.get_submodule(str(quant.target)))  # type: ignore[arg-type]
+
+
+# -- rule 7: integer activations of int-only targets ------------------------------------------------
+
+
+def softmax_dim(n: fx.Node, gm: fx.GraphModule, ndim: int) -> int | None:
+    """The dim (0 ≤ dim < ``ndim``) a softmax normalizes over, or None when it is not a constant.
+
+    ``nn.Softmax(dim=1)`` and ``torch.softmax(x, -3)`` on a 4-d input both give 1; a legacy
+    ``dim=None`` is torch's implicit choice (0 for 0-, 1- and 3-d inputs, else 1).
+    """
+    if n.op == "call_module":
+        dim = getattr(gm.get_submodule(str(n.target)), "dim", None)
+    else:
+        dim = call_arg(n, 1, "dim", None)
+    if dim is None:
+        dim = 0 if ndim in (0, 1, 3) else 1
+    if not isinstance(dim, int) or isinstance(dim, bool) or ndim == 0:
+        return None
+    return dim % ndim
+
+
+def softmax_output_qparams(qmin: int) -> tuple[float, int]:
+    """(scale, zero point) of a softmax output whose scheme's codes start at ``qmin``: real 0 is the lowest code.
+
+    uint8 codes 0…255 give (1/256, 0); int8 codes −128…127 give (1/256, −128), the same real values.
+    """
+    return SOFTMAX_OUTPUT_SCALE, qmin
+
+
+def integer_activation_refusal(n: fx.Node, gm: fx.GraphModule, ndim: int) -> str | None:
+    """Why a rule-7 op (``ndim``-d input, batch included) cannot run with integer kernels; None when it can.
+
+    The sentence finishes ``node 'name' (kind) ...``. E.g. a softmax over dim 2 of [N, C, H, W]:
+    ``normalizes over dim 2 of a 4-d tensor: the integer softmax runs over the channel dim (1) only; ...``.
+    """
+    kind = canonical_op(n, gm)
+    if kind == "softmax":
+        dim = softmax_dim(n, gm, ndim)
+        if dim is None:
+            return "has a dim that is not a constant: the integer softmax needs a fixed dim"
+        if ndim < 2 or dim != 1:
+            return (f"normalizes over dim {dim} of a {ndim}-d tensor: the integer softmax runs over the channel dim "
+                    "(1) of an [N, C] or [N, C, ...] tensor only; move the dim to 1 or choose a target with float "
+                    "support")
+        if "dtype" in n.kwargs and n.kwargs["dtype"] is not None:
+            return "casts to another dtype: the integer softmax writes int8 probabilities only"
+        return None
+    if kind == "prelu":
+        if ndim < 2:
+            return "has no channel axis (a 1-d input): the integer prelu runs on [N, C, ...] tensors only"
+        if n.op == "call_module":
+            return None
+        slope = call_arg(n, 1, "weight", None)
+        if isinstance(slope, fx.Node) and slope.op == "get_attr":
+            return None
+        return ("takes its slopes from a computed tensor: only constant slopes (nn.PReLU, or F.prelu of a module "
+                "parameter) have an integer kernel")
+    return f"is not an integer activation (only {', '.join(sorted(INTEGER_ACTIVATION_KINDS))} are)"

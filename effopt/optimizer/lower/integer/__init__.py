@@ -7,6 +7,7 @@ Micro) keep every tensor as int8 codes and every accumulator as int32. Pipeline:
         │ lower_to_integer(gm, example_inputs)          lowering.py: every integer parameter, or a
         ▼                                               LoweringError naming each float node
     IntegerProgram  (IntQuantizeInput → IntConv/IntAdd/... → IntDequantizeOutput)   program.py
+        │                                               (PReLU / softmax parameters: activations.py)
         ├─ IntegerExecutor(program).run(int8 arrays)   executor.py: NumPy integer arithmetic only
         ├─ reference_integer_model(program)            reference.py: the same arithmetic in torch
         └─ effopt.optimizer.emit.c_header.write_c_header    weights + qparams for firmware
@@ -44,10 +45,12 @@ from effopt.optimizer.lower.integer.program import (
     IntMean,
     IntMul,
     IntOp,
+    IntPReLU,
     IntQuantizeInput,
     IntRequantize,
     IntReshape,
     IntSlice,
+    IntSoftmax,
     IntTranspose,
     Pads,
     QParams,
@@ -73,10 +76,12 @@ __all__ = [
     "IntMean",
     "IntMul",
     "IntOp",
+    "IntPReLU",
     "IntQuantizeInput",
     "IntRequantize",
     "IntReshape",
     "IntSlice",
+    "IntSoftmax",
     "IntTranspose",
     "IntegerExecutor",
     "IntegerProgram",

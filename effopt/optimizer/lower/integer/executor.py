@@ -33,9 +33,11 @@ from effopt.optimizer.lower.integer.program import (
     IntMaxPool,
     IntMean,
     IntMul,
+    IntPReLU,
     IntRequantize,
     IntReshape,
     IntSlice,
+    IntSoftmax,
     IntTranspose,
     Pads,
 )
@@ -78,7 +80,7 @@ class IntegerExecutor:
             IntConv: self._conv, IntLinear: self._linear, IntAdd: self._add, IntMul: self._mul,
             IntMatMul: self._matmul, IntMaxPool: self._max_pool, IntAvgPool: self._avg_pool, IntMean: self._mean,
             IntCat: self._cat, IntRequantize: self._requantize_op, IntClamp: self._clamp, IntReshape: self._reshape,
-            IntTranspose: self._transpose, IntSlice: self._slice,
+            IntTranspose: self._transpose, IntSlice: self._slice, IntPReLU: self._prelu, IntSoftmax: self._softmax,
         }
 
     def _log(self, op: str, what: str, a: np.ndarray) -> np.ndarray:
@@ -208,6 +210,25 @@ class IntegerExecutor:
 
     def _clamp(self, op: IntClamp, env: dict[str, np.ndarray]) -> np.ndarray:
         return np.clip(env[op.input], op.act_min, op.act_max).astype(np.int8)
+
+    def _prelu(self, op: IntPReLU, env: dict[str, np.ndarray]) -> np.ndarray:
+        x = self._centered(op, env[op.input], op.input_zero)
+        acc = self._log(op.name, "shifted", x << np.int32(op.left_shift))  # |x| ≤ 255: below 2^30 by construction
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        m, s = op.neg_multiplier.reshape(shape), op.neg_shift.reshape(shape)
+        neg_acc = np.where(m < 0, -acc, acc).astype(np.int32)  # a negative slope: MBQM(−acc, −M0)
+        neg = self._log(op.name, "scaled_neg", multiply_by_quantized_multiplier(neg_acc, np.abs(m), s))
+        pos = self._log(op.name, "scaled_pos", multiply_by_quantized_multiplier(acc, op.pos_multiplier, op.pos_shift))
+        y = np.where(x >= 0, pos, neg)
+        return np.clip(y + np.int32(op.output_zero), op.act_min, op.act_max).astype(np.int8)
+
+    def _softmax(self, op: IntSoftmax, env: dict[str, np.ndarray]) -> np.ndarray:
+        x = env[op.input].astype(np.int32)
+        d = self._log(op.name, "distance", x.max(axis=op.axis, keepdims=True) - x)  # 0 … span
+        e = self._log(op.name, "exp", op.exp_table[d])
+        total = self._log(op.name, "sum", e.sum(axis=op.axis, keepdims=True, dtype=np.int32))  # ≥ 2^bits
+        y = self._log(op.name, "quotient", (np.int32(2 * op.inv_scale) * e + total) // (np.int32(2) * total))
+        return np.clip(y + np.int32(op.output_zero), op.act_min, op.act_max).astype(np.int8)
 
     def _reshape(self, op: IntReshape, env: dict[str, np.ndarray]) -> np.ndarray:
         x = env[op.input]

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from effopt.errors import EffoptError, LoweringError, TraceError
+from effopt.optimizer.lower.integer.activations import prelu_op, prelu_slopes, softmax_op, softmax_output_problem
 from effopt.optimizer.lower.integer.geometry import Window, conv_window, pool_window
 from effopt.optimizer.lower.integer.fixed_point import ADD_LEFT_SHIFT, INT32_MAX, headroom_shift, quantize_multiplier
 from effopt.optimizer.lower.integer.program import (
@@ -53,7 +54,8 @@ from effopt.optimizer.lower.integer.program import (
     TensorInfo,
 )
 from effopt.optimizer.lower.walk import Pending, QuantizedGraphWalk
-from effopt.optimizer.quant.contract import FUSED_ACTIVATIONS, Bounds, Mismatch, activation_bounds, call_arg
+from effopt.optimizer.quant.contract import (FUSED_ACTIVATIONS, INTEGER_ACTIVATION_KINDS, Bounds, Mismatch,
+                                             activation_bounds, call_arg, integer_activation_refusal)
 from effopt.optimizer.quant.schemes import (
     FakeQuant,
     QScheme,
@@ -197,6 +199,8 @@ class _Lowering(QuantizedGraphWalk[_Value]):
         }.get(kind)
         if kind in FUSED_ACTIVATIONS:  # not fused into a site: it clamps the codes of an int8 value
             return self.activation(n, kind)
+        if kind in INTEGER_ACTIVATION_KINDS:
+            return self.integer_activation(n, kind)
         if kind in _RESHAPES:
             return self.reshape(n, kind)
         if kind in _TRANSPOSES:
@@ -338,6 +342,22 @@ class _Lowering(QuantizedGraphWalk[_Value]):
         (x,) = refs
         lo, hi = _act_range(bounds, x.qp)
         return self.emit_ref(IntClamp(n.name, x.name, n.name, lo, hi), n, x.qp, x.scheme)
+
+    def integer_activation(self, n: fx.Node, kind: str) -> _Value:
+        """prelu / softmax over channels (contract rule 7): a site like add's, built by `activations`."""
+        why = integer_activation_refusal(n, self.gm, len(self.shape(n)))
+        why = why or (softmax_output_problem(n, self.gm) if kind == "softmax" else None)
+        refs = self.problem(n, kind, why) if why else self.operands(n, kind, [call_arg(n, 0, "input", None)])
+        if isinstance(refs, _Float):
+            return refs
+        (x,), channels = refs, self.shape(n)[1]
+        if kind == "softmax":
+            return Pending(n, kind, lambda qp, out, lo, hi: softmax_op(n.name, x.name, x.qp, 1, channels, qp, out,
+                                                                       lo, hi))
+        slopes = prelu_slopes(n, self.gm)
+        if slopes.size not in (1, channels):
+            return self.problem(n, kind, f"has {slopes.size} slopes for {channels} channels")
+        return Pending(n, kind, lambda qp, out, lo, hi: prelu_op(n.name, x.name, x.qp, slopes, qp, out, lo, hi))
 
     # elementwise / reductions --------------------------------------------------------------------------------------
     def add(self, n: fx.Node, kind: str) -> _Value:
@@ -594,7 +614,7 @@ def lower_to_integer(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     accumulator width (the profile's ``accumulator_bits``).
 
     Raises `LoweringError` listing every node that cannot be integer: float ops
-    between quantized ones (softmax, layer_norm, gelu, ...), float conv/linear,
+    between quantized ones (layer_norm, gelu, a softmax not over channels, ...), float conv/linear,
     uncalibrated FakeQuants, asymmetric weights, accumulators wider than the
     target's, conv/linear results that reach another op without a FakeQuant.
     """

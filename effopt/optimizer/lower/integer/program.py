@@ -35,10 +35,12 @@ __all__ = [
     "IntMean",
     "IntMul",
     "IntOp",
+    "IntPReLU",
     "IntQuantizeInput",
     "IntRequantize",
     "IntReshape",
     "IntSlice",
+    "IntSoftmax",
     "IntTranspose",
     "IntegerProgram",
     "Pads",
@@ -389,8 +391,63 @@ class IntSlice:
     kind: ClassVar[str] = "slice"
 
 
+@dataclass(frozen=True, eq=False)
+class IntPReLU:
+    """TFLite's int8 PReLU: one multiplier for x ≥ z_in, one per channel (axis 1) for x < z_in.
+
+    acc = (q − z_in)·2^left_shift; y = clamp(MBQM(acc, M_pos) + z_out) where q ≥ z_in, else
+    clamp(MBQM(acc, M_neg[c]) + z_out), with M_pos = s_in/(s_out·2^left_shift) and
+    M_neg[c] = s_in·α_c/(s_out·2^left_shift). A negative slope α_c < 0 stores a negative
+    ``neg_multiplier[c]``; kernels apply it as MBQM(−acc, −neg_multiplier[c]) (TFLite's MBQM
+    takes a multiplier ≥ 0). One slope (``nn.PReLU()``) is one entry, broadcast over channels.
+
+    E.g. s_in = s_out = 0.05, α = 0.25, z_in = z_out = 0: q = −40 (−2.0) → −10 (−0.5); q = 40 → 40.
+    """
+
+    name: str
+    input: str
+    output: str
+    input_zero: int
+    left_shift: int
+    pos_multiplier: int
+    pos_shift: int
+    neg_multiplier: np.ndarray   # int32 [C] or [1]
+    neg_shift: np.ndarray        # int32 [C] or [1]
+    output_zero: int
+    act_min: int
+    act_max: int
+    kind: ClassVar[str] = "prelu"
+
+
+@dataclass(frozen=True, eq=False)
+class IntSoftmax:
+    """Softmax over ``axis`` (the channel axis, 1) with a lookup table: no float at run time.
+
+    d = max_axis(q) − q ∈ [0, len(exp_table) − 1]; e = exp_table[d], where
+    exp_table[d] = round(2^table_bits · exp(−s_in·d)) was computed at lowering time;
+    Σ = sum_axis(e) (int32); y = clamp(⌊(2·inv_scale·e + Σ) / (2·Σ)⌋ + z_out, act_min, act_max),
+    i.e. round(inv_scale·e/Σ) with ties up: the probability in steps of 1/inv_scale (1/256).
+    The lowering picks ``table_bits`` so that 2·inv_scale·e + Σ fits int32.
+
+    E.g. s_in = 0.1, codes (10, 0) → d = (0, 10), e = (2^21, 771_499), Σ = 2_868_651:
+    y + 128 = (187, 69), p ≈ (0.731, 0.269) (float: 0.7311, 0.2689).
+    """
+
+    name: str
+    input: str
+    output: str
+    axis: int
+    exp_table: np.ndarray        # int32 [span + 1], indexed by max − q
+    table_bits: int
+    inv_scale: int               # 1/s_out (256)
+    output_zero: int
+    act_min: int
+    act_max: int
+    kind: ClassVar[str] = "softmax"
+
+
 IntOp = Union[IntConv, IntLinear, IntAdd, IntMul, IntMatMul, IntMaxPool, IntAvgPool, IntMean, IntCat,
-              IntRequantize, IntClamp, IntReshape, IntTranspose, IntSlice]
+              IntRequantize, IntClamp, IntReshape, IntTranspose, IntSlice, IntPReLU, IntSoftmax]
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,9 +32,11 @@ from effopt.optimizer.lower.integer.program import (
     IntMaxPool,
     IntMean,
     IntMul,
+    IntPReLU,
     IntRequantize,
     IntReshape,
     IntSlice,
+    IntSoftmax,
     IntTranspose,
     Pads,
 )
@@ -151,6 +153,25 @@ class _IntegerReference(nn.Module):
 
     def _clamp(self, op: IntClamp, env: dict[str, torch.Tensor]) -> torch.Tensor:
         return env[op.input].clamp(op.act_min, op.act_max)
+
+    def _prelu(self, op: IntPReLU, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = env[op.input] - op.input_zero
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        m = torch.from_numpy(op.neg_multiplier).to(torch.int64).reshape(shape)
+        s = torch.from_numpy(op.neg_shift).to(torch.int64).reshape(shape)
+        acc = x * 2**op.left_shift
+        neg = _torch_mbqm(acc * torch.sign(m), m.abs(), s)  # sign(0) = 0: a zero slope gives 0 either way
+        pos = _torch_mbqm(acc, op.pos_multiplier, op.pos_shift)
+        return (torch.where(x >= 0, pos, neg) + op.output_zero).clamp(op.act_min, op.act_max)
+
+    def _softmax(self, op: IntSoftmax, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = env[op.input]
+        e = torch.from_numpy(op.exp_table).to(torch.int64)[x.amax(dim=op.axis, keepdim=True) - x]
+        total = e.sum(dim=op.axis, keepdim=True)
+        # round(inv_scale·e / total), ties up, from quotient and remainder
+        q = torch.div(op.inv_scale * e, total, rounding_mode="floor")
+        q = q + (2 * (op.inv_scale * e - q * total) >= total).to(torch.int64)
+        return (q + op.output_zero).clamp(op.act_min, op.act_max)
 
     def _reshape(self, op: IntReshape, env: dict[str, torch.Tensor]) -> torch.Tensor:
         x = env[op.input]
