@@ -30,7 +30,8 @@ regime              references                                effopt
 ==================  ========================================  ==============================================
 
 Per regime the effopt rows are: nearest rounding, +CLE, +CLE +bias correction, +bias correction
-+AdaRound, all three, the defaults (``auto``) and the defaults with ``adaround: true``; each is
++AdaRound, all three, the defaults (``auto``: equalization and bias correction where they measure
+better, and at 4 bits AdaRound) and the defaults with ``adaround: true``; each is
 ``effopt.compile`` of ``[fold_batchnorm, eliminate_dead_code, quantize]`` for ``x86-avx2``,
 scored from the emitted ``model.onnx`` in onnxruntime.
 
@@ -275,13 +276,13 @@ def reference_rows(case: Case, regime: Regime, float_onnx: Path, work: Path) -> 
 
 
 EFFOPT_SETTINGS = (
-    ("nearest", {"equalize": False, "bias_correction": False}),
-    ("+CLE", {"equalize": True, "bias_correction": False}),
-    ("+CLE +BC", {"equalize": True, "bias_correction": True}),
+    ("nearest", {"equalize": False, "bias_correction": False, "adaround": False}),
+    ("+CLE", {"equalize": True, "bias_correction": False, "adaround": False}),
+    ("+CLE +BC", {"equalize": True, "bias_correction": True, "adaround": False}),
     ("+BC +AdaRound", {"equalize": False, "bias_correction": True, "adaround": True}),
     ("+CLE +BC +AdaRound", {"equalize": True, "bias_correction": True, "adaround": True}),
-    ("defaults (auto)", {}),
-    ("auto +AdaRound", {"adaround": True}),
+    ("defaults (auto)", {}),                 # at 4/2 bits this includes AdaRound (its auto)
+    ("auto +AdaRound", {"adaround": True}),  # AdaRound on at every width
 )
 
 
