@@ -46,7 +46,7 @@ from typing import ClassVar, Literal, Protocol
 
 import torch
 
-from effopt.optimizer.quant.schemes import QScheme, qparams_from_range
+from effopt.optimizer.quant.schemes import QScheme, QuantConv, QuantLinear, qparams_from_range
 
 ObserverKind = Literal["minmax", "moving_average", "percentile", "mse"]
 OBSERVER_KINDS: tuple[ObserverKind, ...] = ("minmax", "moving_average", "percentile", "mse")
@@ -502,3 +502,14 @@ def make_observer(kind: ObserverKind, axis: int | None = None, *, momentum: floa
     if kind == "mse":
         return MSEObserver(axis, bins)
     raise ValueError(f"unknown observer kind {kind!r}; choose one of {', '.join(OBSERVER_KINDS)}")
+
+
+def calibrate_weight(layer: QuantConv | QuantLinear, kind: str) -> None:
+    """Set a quantized layer's weight qparams from its current weights with a ``kind`` observer (per its scheme's axis).
+
+    Example: after `_promote` gives a 4-bit layer an 8-bit `FakeQuant`, this fits the new grid to the weights.
+    """
+    fq = layer.weight_quant
+    obs = make_observer(kind, axis=fq.scheme.axis)  # type: ignore[arg-type]
+    obs.update(layer.weight.detach())
+    fq.set_qparams(*obs.qparams(fq.scheme))
