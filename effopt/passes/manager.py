@@ -7,7 +7,8 @@ model also reads. A pass that rejects its input (any `EffoptError`) is re-raised
 `PassError` naming the pass and the passes that ran before it: bad input, exit 2.
 Any other exception is a bug in the pass, re-raised as `InternalError` with the
 same names and the original as ``__cause__``, so the CLI prints the traceback and
-exits 3 instead of blaming the user's model.
+exits 3 instead of blaming the user's model. So is any failure to lint or re-analyse
+the graph a pass returned (even a `TraceError`): the graph analysed before the pass.
 """
 
 from __future__ import annotations
@@ -65,15 +66,20 @@ def run_passes(
     for p in passes:
         try:
             result = p.run(ir, ctx)
-            ir = result.ir
-            if result.modified:
-                ir.gm.delete_all_unused_submodules()
-                annotate(ir.lint().recompile())
         except EffoptError as e:
             raise PassError(f"pass '{p.name}' failed{_after(records)}: {e}") from e
         except Exception as e:  # a bug in a pass, not bad input: name it, keep the traceback
             raise_if_interrupted(e)  # Ctrl-C stays an interrupt
             raise InternalError(f"pass '{p.name}' crashed{_after(records)}: {type(e).__name__}: {e}") from e
+        ir = result.ir
+        if result.modified:
+            try:
+                ir.gm.delete_all_unused_submodules()
+                annotate(ir.lint().recompile())
+            except Exception as e:  # the graph analysed before the pass: what broke it is the pass, a bug
+                raise_if_interrupted(e)
+                raise InternalError(f"pass '{p.name}' left a graph effopt cannot analyse{_after(records)}: "
+                                    f"{type(e).__name__}: {e}") from e
         after = totals(ir)
         records.append(
             PassRecord(

@@ -63,6 +63,18 @@ class _DoubleRelu(_Noop):
         return PassResult(ir, changed=(extra.name,))
 
 
+class _BreaksShapes(_Noop):
+    """A buggy rewrite: feeds the conv's 4-D output straight into the Linear (the flatten is bypassed)."""
+
+    name: ClassVar[str] = "breaks_shapes"
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        flatten = next(n for n in ir.gm.graph.nodes if n.op == "call_module" and isinstance(ir.module_of(n), nn.Flatten))
+        flatten.replace_all_uses_with(flatten.args[0])
+        ir.gm.graph.erase_node(flatten)
+        return PassResult(ir, changed=("flatten",))
+
+
 def _ir() -> IR:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
     spec = InputSpec("x", (1, 3, 8, 8))
@@ -105,6 +117,15 @@ def test_a_bug_in_a_pass_is_an_internal_error_not_bad_input() -> None:
         run_passes(_ir(), [_fold(), _Noop(), _Broken()], PassContext())
     assert not isinstance(e.value, EffoptError)
     assert isinstance(e.value.__cause__, ValueError)  # the original traceback is kept
+
+
+def test_a_graph_a_pass_broke_is_an_internal_error_even_when_analysis_raises_a_trace_error() -> None:
+    """The model was analysed before the pass; if re-analysing its output fails, the pass is to blame (exit 3)."""
+    _ir_before = _ir()  # precondition: the untouched model analyses fine
+    with pytest.raises(InternalError, match=r"pass 'breaks_shapes' left a graph effopt cannot analyse \(after noop\)"
+                       ) as e:
+        run_passes(_ir_before, [_Noop(), _BreaksShapes()], PassContext())
+    assert not isinstance(e.value, EffoptError) and e.value.__cause__ is not None
 
 
 def test_manager_reannotates_and_fills_deltas_from_totals() -> None:
