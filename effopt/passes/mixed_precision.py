@@ -14,7 +14,7 @@ before a box-head layer with 7× its output error is touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +30,6 @@ from effopt.optimizer.quant.schemes import FakeQuant, QScheme, QuantConv, QuantL
 from effopt.optimizer.quant.sensitivity import OutputSensitivity, decision_axes, measure_outputs
 from effopt.passes.base import PassContext
 from effopt.passes.half_precision import HALF_TORCH_DTYPES, preferred_half_dtype
-from effopt.passes.ptq_steps import calibration_batches
 
 __all__ = ["DecisionCheck", "LayerSensitivity", "Sites", "choose_precisions", "float_word", "relative_error"]
 
@@ -70,14 +69,15 @@ def _set_enabled(quants: Iterable[FakeQuant], enabled: bool) -> None:
         fq.enabled = enabled
 
 
-def choose_precisions(ir: IR, rw: Sites, float_model: nn.Module, ctx: PassContext, o: Any
-                      ) -> tuple[list[LayerSensitivity], DecisionCheck | None]:
+def choose_precisions(
+    ir: IR, rw: Sites, float_model: nn.Module, ctx: PassContext, o: Any, calibration: Sequence[tuple[torch.Tensor, ...]]
+) -> tuple[list[LayerSensitivity], DecisionCheck | None]:
     """Promote the most sensitive layers until the budget holds (`_budget_check`).
 
     Returns every layer's sensitivity row and, with ``min_decision_agreement``, the check that
     measures the decisions the quantized model keeps (None without that option).
     """
-    batches = calibration_batches(ctx, min(o.calibration_batches, 4))
+    batches = list(calibration[:4])  # each layer alone is measured on these: four batches rank them well enough
     gm = ir.gm.eval()
     every = [fq for g in rw.groups.values() for fq in g]
     _set_enabled(every, False)

@@ -105,7 +105,7 @@ class PtqSettings:
     observer: str
     calibration_batches: int
     keep_float: tuple[str, ...] = ()
-    adaround_auto: bool = False  # ``adaround: auto`` at < 8 bits: layers within `AUTO_ADAROUND_FLOPS`, static, with data
+    adaround_auto: bool = False  # ``adaround: auto`` at 4/2 bits: layers within `AUTO_ADAROUND_FLOPS`, static, with data
 
 
 def _state(value: Toggle, mode: str, has_data: bool) -> Literal["off", "auto", "on"]:
@@ -440,6 +440,11 @@ def _has_path(model: nn.Module, n: fx.Node) -> bool:
 #: a layer whose Gram matrices hold at most this many values (groups · d²) is optimised on all rows at once
 GRAM_LIMIT = 4 * 2**20
 
+
+def _gram_fits(groups: int, d: int) -> bool:
+    """Whether a layer's per-group d×d Gram matrices stay within `GRAM_LIMIT` (the exact objective)."""
+    return groups * d * d <= GRAM_LIMIT
+
 #: ``adaround: auto``'s compute budget for a whole model, in (estimated) floating-point operations.
 #: 3e10 is a few seconds on two CPU cores: every layer of the digits CNN, an MTCNN stage or a small
 #: MobileNet fits; a ResNet-18 gets its cheap early layers. Counted, not timed, so output is deterministic.
@@ -458,7 +463,7 @@ def adaround_cost(layer: QuantConv | QuantLinear, iterations: int) -> float:
     inner = layer.conv if isinstance(layer, QuantConv) else layer.linear
     weight = inner.weight
     d, out, groups = weight[0].numel(), weight.shape[0], getattr(inner, "groups", 1)
-    if groups * d * d > GRAM_LIMIT:
+    if not _gram_fits(groups, d):
         return math.inf
     return iterations * (2.0 * out * d * d + STEP_OVERHEAD_FLOPS)
 
@@ -480,7 +485,7 @@ def _adaround_objective(inner: nn.Module, inputs: torch.Tensor, targets: torch.T
 
             return SampledObjective(forward, inputs, targets, batch_size, generator, channel_axis=1)
         rows, want, groups = maybe, output_rows(targets, 1), int(getattr(inner, "groups", 1))
-    if groups * rows.shape[2] ** 2 <= GRAM_LIMIT:
+    if _gram_fits(groups, rows.shape[2]):
         return GramObjective(rows, want, inner.bias, groups)
     per_sample = max(1, rows.shape[0] // max(1, inputs.shape[0]))
     cap = max(1, MAX_SAMPLE_VALUES // (rows[0].numel() + want.shape[1]))

@@ -173,7 +173,12 @@ class Quantize(Pass):
             warnings.append(f"lifted {len(lift.lifted)} functional layer(s) to modules: "
                             + ", ".join(f"{x.old} → {x.module}" for x in lift.lifted))
         if o.mode == "static":
-            batches = _calibration_batches(ctx, o.calibration_batches)
+            if ctx.calibration is None:
+                raise PassError(
+                    "quantize (mode: static) needs calibration data to choose activation ranges: add data.calibration "
+                    "(or data.train / data.eval) to the recipe, or use mode: weight_only"
+                )
+            batches = ptq.batches  # the first calibration_batches batches, read once for every step
             _calibrate_activations(ir.gm, rewrite.activation_quants, batches, o.observer)
             for fq, source in rewrite.tied:
                 fq.set_qparams(source.scale.detach(), source.zero_point)
@@ -189,7 +194,7 @@ class Quantize(Pass):
         decisions: DecisionCheck | None = None
         if o.mixed_precision:
             assert float_model is not None
-            sens, decisions = choose_precisions(ir, rewrite, float_model, ctx, o)
+            sens, decisions = choose_precisions(ir, rewrite, float_model, ctx, o, ptq.batches)
             stats["promoted_by_sensitivity"] = float(sum(s.precision != f"{o.bits}-bit" for s in sens))
             word = float_word(ctx.profile)
             warnings += [
@@ -385,21 +390,6 @@ class _Rewrite:
 
 
 # -- calibration --------------------------------------------------------------------------------
-
-
-def _calibration_batches(ctx: PassContext, limit: int) -> list[tuple[torch.Tensor, ...]]:
-    source = ctx.calibration
-    if source is None:
-        raise PassError(
-            "quantize (mode: static) needs calibration data to choose activation ranges: add data.calibration "
-            "(or data.train / data.eval) to the recipe, or use mode: weight_only"
-        )
-    out = []
-    for i, batch in enumerate(source.batches()):
-        if i >= limit:
-            break
-        out.append(tuple(batch.inputs))
-    return out
 
 
 def _calibrate_activations(gm: fx.GraphModule, quants: list[FakeQuant], batches: list[tuple[torch.Tensor, ...]], kind: str) -> None:
