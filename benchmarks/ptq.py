@@ -301,6 +301,7 @@ def effopt_row(case: Case, regime: Regime, work: Path, label: str, options: dict
         "data": {k: v for k, v in case.recipe_data.items() if k in ("calibration", "eval")},
         "output": {"dir": str(out), "formats": ["onnx"]},
     }
+    notes: list[str] = []  # what the compile said, for the row's footnote
 
     def build() -> list[torch.Tensor]:
         started = time.perf_counter()
@@ -308,12 +309,11 @@ def effopt_row(case: Case, regime: Regime, work: Path, label: str, options: dict
             result = effopt.compile(recipe, output_dir=out)
         stats = {k: int(v) for k, v in result.report.passes[-1].result.stats.items()
                  if k in ("equalized_pairs", "bias_corrected_layers", "adarounded_layers")}
-        notes[label] = f"compile {time.perf_counter() - started:.0f} s" + "".join(f"; {k} {v}" for k, v in stats.items())
+        notes.append(f"compile {time.perf_counter() - started:.0f} s" + "".join(f"; {k} {v}" for k, v in stats.items()))
         return _ort_outputs(out / "model.onnx", scoring_inputs(case))
 
-    notes: dict[str, str] = {}
     row = _attempt(f"effopt {label}", build)
-    row.note = row.note or notes.get(label)
+    row.note = row.note or (notes[0] if notes else None)
     return row
 
 

@@ -63,6 +63,7 @@ from effopt.optimizer.ir.core import IR, InputSpec  # noqa: E402
 from effopt.optimizer.ir.cost_model import estimate  # noqa: E402
 from effopt.optimizer.ir.trace import trace_module  # noqa: E402
 from effopt.optimizer.measure.bench import LatencyStats, bench_runtimes, eager_runner, onnxruntime_runner  # noqa: E402
+from effopt.optimizer.measure.evaluate import evaluate  # noqa: E402
 from effopt.optimizer.train.finetune import FineTuner  # noqa: E402
 from effopt.passes.base import Pass, PassContext  # noqa: E402
 from effopt.passes.manager import run_passes  # noqa: E402
@@ -217,12 +218,8 @@ def digits_model() -> nn.Module:
 
 
 def top1(model: nn.Module, source: DataSource) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for b in source.batches():
-            correct += int((model(*b.inputs).argmax(1) == b.labels).sum())
-            total += len(b.labels)
-    return correct / total
+    """Top-1 on ``source`` as effopt's own evaluation scores it (the number the fine-tuning reports)."""
+    return evaluate(model, source, "classification").headline
 
 
 def digits_table(epochs: int) -> str:

@@ -12,6 +12,7 @@ from effopt.optimizer.ir.analysis import annotate
 from effopt.optimizer.ir.core import IR, InputSpec
 from effopt.optimizer.quant.schemes import QScheme
 from effopt.passes.base import Pass, PassContext
+from effopt.passes.manager import PassRecord, run_passes
 from effopt.optimizer.ir.trace import trace_module
 from effopt.recipes import parse_recipe
 
@@ -51,3 +52,14 @@ def host_kernel_context() -> PassContext:
     """
     profile = load_profile("x86-avx2").model_copy(update={"int8_weight_bits": HOST_WEIGHT_BITS})
     return PassContext(profile=profile)
+
+
+def run_recipe_passes(ir: IR, *entries: object, ctx: PassContext | None = None) -> tuple[IR, PassRecord]:
+    """Run recipe pass entries on ``ir`` (x86-avx2 by default) and return the IR and the last pass's record."""
+    ir, records = run_passes(ir, recipe_passes(*entries), ctx or PassContext(profile=load_profile("x86-avx2")))
+    return ir, records[-1]
+
+
+def rel(y: torch.Tensor, y0: torch.Tensor) -> float:
+    """‖y − y0‖ / ‖y0‖, e.g. 0.1 for y0 = [3, 4] and y = [3, 4.5]."""
+    return float((y - y0).norm() / y0.norm())

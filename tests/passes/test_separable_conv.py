@@ -26,12 +26,11 @@ from effopt.optimizer.frontend.data import DataSource, sklearn_digits
 from effopt.optimizer.ir.core import IR, facts
 from effopt.optimizer.train.finetune import FineTuner
 from effopt.passes.base import PassContext
-from effopt.passes.manager import PassRecord, run_passes
 from tests.models import ZOO, make_input, seeded
-from tests.passes.helpers import build_ir, host_kernel_context, recipe_passes
+from tests.passes.helpers import build_ir, host_kernel_context, recipe_passes, rel
+from tests.passes.helpers import run_recipe_passes as rewrite
 
 EXACT = {"name": "separable_conv", "multiplier": "auto", "energy": 1.0, "apply": "all", "finetune": None}
-X86 = PassContext(profile=load_profile("x86-avx2"))
 REL_TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -39,13 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def rewrite(ir: IR, *entries: object, ctx: PassContext = X86) -> tuple[IR, PassRecord]:
-    ir, records = run_passes(ir, recipe_passes(*entries), ctx)
-    return ir, records[-1]
-
-
-def rel(y: torch.Tensor, y0: torch.Tensor) -> float:
-    return float((y - y0).norm() / y0.norm())
 
 
 def dense_kxk_convs(ir: IR) -> list[str]:
